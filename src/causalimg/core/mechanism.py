@@ -1,0 +1,68 @@
+"""Mechanism contracts: what the DSCM needs from an image mechanism and an attribute mechanism.
+
+Image mechanism x := g(z, pa_x) with exogenous state (latents z, pixel noise u); attribute
+mechanism v := f(u; pa_v), an invertible map so that abduction u = f^-1(v; pa_v) is exact.
+All parent tensors here are NORMALISED (see ``VariableTransform``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Exogenous:
+    """Abducted exogenous state of a batch of images.
+
+    latents: one tensor per latent layer, (B, C_l, H_l, W_l), from the posterior q(z | x, pa)
+    noise:   (B, 1, H, W) pixel noise u = (x - loc) / scale, so that predicting with the factual
+             parents gives back x exactly
+    """
+
+    latents: list[torch.Tensor]
+    noise: torch.Tensor
+
+
+@runtime_checkable
+class ImageMechanism(Protocol):
+    """The image's mechanism; an ``nn.Module`` in practice."""
+
+    def loss(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Factual loss on x (B, 1, H, W) in [-1, 1] and pa (B, P).
+
+        Returns per-image tensors (B,): ``nelbo`` (the training objective, nats per pixel),
+        ``nll`` and ``kl`` (its parts, nats per pixel).
+        """
+        ...
+
+    def abduct(self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0) -> Exogenous:
+        """Infer the exogenous state of x under its factual parents (t scales posterior noise)."""
+        ...
+
+    def predict(self, exogenous: Exogenous, pa: torch.Tensor) -> torch.Tensor:
+        """Image (B, 1, H, W) in [-1, 1] generated from abducted state under parents pa."""
+        ...
+
+    def sample(self, pa: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+        """Fresh images under parents pa from the prior at temperature t."""
+        ...
+
+
+@runtime_checkable
+class AttributeMechanism(Protocol):
+    """Invertible conditional map for one scalar variable; an ``nn.Module`` in practice."""
+
+    def forward_map(self, u: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """v = f(u; pa): (B, 1) noise -> (B, 1) normalised value."""
+        ...
+
+    def inverse_map(self, v: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """u = f^-1(v; pa): abduction."""
+        ...
+
+    def log_prob(self, v: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """log p(v | pa), (B,): the maximum-likelihood training objective."""
+        ...
