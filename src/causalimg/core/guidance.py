@@ -20,6 +20,7 @@ class GuidanceInputs:
     parents:    (B, P) factual parents in data units
     intervened: (B, P) bool, True where the variable was the target of do(.)
     regions:    (B or 1, K, H, W) region masks of the configured partitioner
+    region_names: the K region names, in the order of ``regions`` (maps areas to variable names)
     """
 
     cf_image: torch.Tensor
@@ -30,6 +31,7 @@ class GuidanceInputs:
     regions: torch.Tensor
     pixel_area_mm2: float
     transform: VariableTransform
+    region_names: tuple[str, ...]
 
 
 @dataclass(frozen=True)

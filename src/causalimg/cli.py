@@ -1,0 +1,159 @@
+"""The ``causalimg`` command: inspect plugins, validate configs, print the config schema.
+
+Subcommands live in the ``COMMANDS`` table. Adding one is a function that adds its arguments, a
+function that runs it and one ``Command(...)`` line; a long-running command imports its heavy
+modules inside ``run`` so that ``causalimg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from causalimg import __version__
+from causalimg.errors import CausalImgError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``add_arguments(parser)`` declares it, ``run(args) -> exit status`` runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, flag: bool = False) -> None:
+    """The config file (or shipped config name) and repeatable ``--set a.b=value`` overrides."""
+    config_help = "a YAML/TOML file or the name of a shipped config (tiny, quickstart, cpu, paper)"
+    if flag:
+        parser.add_argument("--config", required=True, help=config_help)
+    else:
+        parser.add_argument("config", help=config_help)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+        help="override one field, value read as YAML (repeatable), e.g. --set finetune.train.steps=10",
+    )
+
+
+def add_plugin_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugins-dir", dest="plugin_dirs", action="append", default=[], metavar="DIR",
+        help="also load the one-file plugins in DIR (repeatable), as the config's plugins.dirs does",
+    )
+
+
+def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    add_plugin_dir_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from causalimg.plugins.manager import load_registry
+
+    registry = load_registry(args.plugin_dirs)
+    rows = []
+    for spec in registry:
+        origin = registry.origin(spec.kind, spec.name)
+        rows.append({
+            "name": spec.name,
+            "kind": spec.kind,
+            "summary": spec.summary,
+            "plugin": origin.plugin,
+            "distribution": origin.distribution,
+            "version": origin.version,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ("name", "kind", "distribution", "version", "summary")) if rows else "no plugins loaded")
+    return 0
+
+
+def _table(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _validate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--show", action="store_true", help="print the resolved config as YAML")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from causalimg.config.loader import dump_config, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.show:
+        print(dump_config(config), end="")
+    print(f"{args.config}: valid", file=sys.stderr)
+    return 0
+
+
+def _schema_arguments(parser: argparse.ArgumentParser) -> None:
+    add_plugin_dir_argument(parser)
+    parser.add_argument("--markdown", action="store_true", help="print the config reference as markdown")
+    parser.add_argument(
+        "--builtin-only", action="store_true",
+        help="only the built-in plugins' sections (how docs/config.md is generated)",
+    )
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from causalimg.config.reference import config_markdown
+    from causalimg.config.run import build_run_config_model
+    from causalimg.plugins.manager import Registry, get_plugin_manager
+
+    registry = Registry.from_manager(get_plugin_manager(args.plugin_dirs, builtin_only=args.builtin_only))
+    model = build_run_config_model(registry)
+    if args.markdown:
+        print(config_markdown(model), end="")
+    else:
+        print(json.dumps(model.model_json_schema(), indent=2))
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("plugins", "list registered components with their distribution", _plugins_arguments, _plugins),
+    Command("validate", "check a config and its overrides", _validate_arguments, _validate),
+    Command("schema", "print the JSON schema of the run config", _schema_arguments, _schema),
+)
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="causalimg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"causalimg {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def report_errors(run: Callable[[], int], prog: str = "causalimg") -> int:
+    """Run ``run``; a CausalImgError becomes one message on stderr and its exit status."""
+    try:
+        return run()
+    except CausalImgError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``causalimg`` console script; argparse usage errors exit 2."""
+    args = build_parser().parse_args(argv)
+    return report_errors(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The run config: one frozen tree whose plugin sections are built from the registry.
+
+A plugin section (``data``, ``regions``, ``flows``, ``image_mechanism``, the guidance terms of
+every fine-tuning strategy and the evaluation metrics) is a discriminated union on ``name`` of the
+config models that the registered plugins declare. An unknown ``name`` fails with the valid names
+and a "did you mean"; a kind with no registered plugin fails with a message that says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Literal, Mapping, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import Annotated
+
+from causalimg.config.base import StrictModel
+from causalimg.config.sections import PluginsSection, RunSection, TrackingConfig, TrainConfig
+from causalimg.errors import ConfigError, PluginError
+from causalimg.plugins.manager import Registry
+
+# The component a section selects when the config leaves it out, if a plugin of that name is
+# registered and its config needs no values; otherwise the section must be given.
+DEFAULT_CHOICES: dict[str, str] = {
+    "dataset": "phantom",
+    "partitioner": "axial-thirds",
+    "attribute_mechanism": "spline-flow",
+    "image_mechanism": "hvae",
+}
+
+# Top-level sections that select one component, and the kind of component they select.
+PLUGIN_SECTIONS: dict[str, str] = {
+    "data": "dataset",
+    "regions": "partitioner",
+    "flows": "attribute_mechanism",
+    "image_mechanism": "image_mechanism",
+}
+
+_LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class SegmentorSection(StrictModel):
+    """The frozen segmentor that positional and global segmentor guidance read areas from."""
+
+    widths: tuple[PositiveInt, ...] = (16, 32, 64)
+    train: TrainConfig = TrainConfig()
+
+
+class RegressorSection(StrictModel):
+    """The frozen regressor of Reg-CFT: a timm model that predicts every variable from the image."""
+
+    model: str = "resnet18"
+    train: TrainConfig = TrainConfig()
+
+
+class PredictorsSection(StrictModel):
+    """Predictors trained on factual data before fine-tuning, then frozen."""
+
+    segmentor: SegmentorSection = SegmentorSection()
+    regressor: RegressorSection = RegressorSection()
+
+
+class ConstraintConfig(StrictModel):
+    """How fine-tuning keeps the factual likelihood: a damped Lagrangian on the nelbo, or a fixed weight."""
+
+    kind: Literal["lagrangian", "fixed"] = "lagrangian"
+    lagrange_lr: PositiveFloat = 0.05
+    damping: NonNegativeFloat = 10.0
+    weight: NonNegativeFloat = 1.0  # the nelbo's weight when kind is "fixed"
+
+
+def _plugin_name_check(registry: Registry, kind: str):
+    """A validator run before the union: a clear message for an unknown or missing ``name``."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value
+        if isinstance(value, str):  # shorthand: `regions: grid` means `regions: {name: grid}`
+            value = {"name": value}
+        names = registry.names(kind)
+        if not names:
+            raise PydanticCustomError(
+                "no_plugins",
+                "no {kind} plugins are registered (`causalimg plugins` lists what is loaded)",
+                {"kind": kind},
+            )
+        if isinstance(value, Mapping):
+            if "name" not in value:
+                raise PydanticCustomError(
+                    "plugin_name_missing", "{kind} needs a 'name'; valid names: {names}",
+                    {"kind": kind, "names": ", ".join(names)},
+                )
+            try:
+                registry.get(kind, str(value["name"]))
+            except ConfigError as err:
+                raise PydanticCustomError("unknown_plugin", "{reason}", {"reason": str(err)}) from None
+        return value
+
+    return check
+
+
+def plugin_union(registry: Registry, kind: str) -> Any:
+    """The annotation of a section that selects one ``kind`` component by its ``name``."""
+    configs = tuple(spec.config for spec in registry.specs(kind).values())
+    check = BeforeValidator(_plugin_name_check(registry, kind))
+    if not configs:
+        return Annotated[Any, check]
+    return Annotated[Union[configs], Field(discriminator="name"), check]  # type: ignore[valid-type]
+
+
+def _default_config(registry: Registry, kind: str, name: str) -> BaseModel | None:
+    spec = registry.specs(kind).get(name)
+    if spec is None:
+        return None
+    try:
+        return spec.config()
+    except ValidationError:
+        return None
+
+
+def _plugin_field(registry: Registry, kind: str) -> tuple[Any, Any]:
+    default = _default_config(registry, kind, DEFAULT_CHOICES.get(kind, ""))
+    return plugin_union(registry, kind), (... if default is None else default)
+
+
+def _check_guidance_weights(registry: Registry) -> None:
+    for spec in registry.specs("guidance").values():
+        field = spec.config.model_fields.get("weight")
+        if field is None or field.is_required():
+            raise PluginError(
+                f"guidance {spec.name!r} of {spec.provider}: its config {spec.config.__name__} needs a "
+                "field `weight: float = 1.0` (the term's weight in a fine-tuning strategy)"
+            )
+
+
+def _all_default_metrics(registry: Registry) -> list[BaseModel]:
+    defaults = (_default_config(registry, "metric", name) for name in registry.names("metric"))
+    return [config for config in defaults if config is not None]
+
+
+@functools.lru_cache(maxsize=8)
+def build_run_config_model(registry: Registry) -> type[StrictModel]:
+    """The run config model for the components in ``registry`` (one class per registry)."""
+    _check_guidance_weights(registry)
+    guidance_term = plugin_union(registry, "guidance")
+    metric = plugin_union(registry, "metric")
+
+    def check_labels(cls: type, strategies: dict[str, Any]) -> dict[str, Any]:
+        for label in strategies:
+            if not _LABEL.match(label):
+                raise ValueError(
+                    f"strategy label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
+                )
+        if not strategies:
+            raise ValueError("give at least one strategy, for example `none: []` (no guidance)")
+        return strategies
+
+    finetune = create_model(
+        "FinetuneSection",
+        __base__=StrictModel,
+        __doc__="Counterfactual fine-tuning: one run per strategy label, each a weighted sum of guidance terms.",
+        __validators__={"labels": field_validator("strategies")(check_labels)},
+        train=(TrainConfig, TrainConfig(lr=1e-4)),
+        strategies=(dict[str, list[guidance_term]], {"none": []}),  # type: ignore[valid-type]
+        temperature=(PositiveFloat, 0.1),
+        trainable=(Literal["all", "decoder"], "all"),
+        interventions_per_step=(PositiveInt, 1),
+        constraint=(ConstraintConfig, ConstraintConfig()),
+    )
+    evaluate = create_model(
+        "EvaluateSection",
+        __base__=StrictModel,
+        __doc__="Counterfactual evaluation on the test split (every registered metric by default).",
+        num_images=(PositiveInt, 256),
+        metrics=(list[metric], Field(default_factory=lambda: _all_default_metrics(registry))),  # type: ignore[valid-type]
+    )
+    return create_model(
+        "RunConfig",
+        __base__=StrictModel,
+        __doc__="A causalimg run: data, causal mechanisms, predictors, fine-tuning and evaluation.",
+        run=(RunSection, RunSection()),
+        plugins=(PluginsSection, PluginsSection()),
+        **{section: _plugin_field(registry, kind) for section, kind in PLUGIN_SECTIONS.items()},
+        flows_train=(TrainConfig, TrainConfig(steps=1000, batch_size=256, lr=3e-3, warmup_steps=50, ema_decay=0.99)),
+        pretrain=(TrainConfig, TrainConfig()),
+        predictors=(PredictorsSection, PredictorsSection()),
+        finetune=(finetune, finetune()),
+        evaluate=(evaluate, Field(default_factory=evaluate)),
+        tracking=(TrackingConfig, TrackingConfig()),
+    )

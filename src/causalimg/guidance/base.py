@@ -1,0 +1,108 @@
+"""The shared base of measurement guidance: measure x~ with a frozen predictor, compare with targets.
+
+Every built-in strategy reads some measurements m(x) (normalised, (B, M)) with a frozen predictor
+and derives the same measurements from parents, t(pa). The loss is
+
+    L = weight * mean_b sum_m  d(m(x~)_bm, t(pa~)_bm),    d = |.| (l1) or (.)^2 (l2)
+
+With ``soft_labels`` the measurements not touched by the intervention take the predictor's own
+reading of the factual image as their target, shifted by whatever the SCM changed downstream:
+t_bm = m(x)_bm + t(pa~)_bm - t(pa)_bm, so a predictor's bias on the factual image is not
+penalised where nothing was asked to change.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from einops import reduce
+from pydantic import NonNegativeFloat
+from torch import nn
+
+from causalimg.config.base import StrictModel
+from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
+from causalimg.core.transform import VariableTransform
+from causalimg.core.variables import variable_names
+from causalimg.errors import ConfigError
+from causalimg.predictors.frozen import freeze
+
+
+class GuidanceConfig(StrictModel):
+    """Options every guidance strategy shares; a strategy's config adds ``name: Literal[...]``."""
+
+    weight: NonNegativeFloat = 1.0
+    loss: Literal["l1", "l2"] = "l2"
+    soft_labels: bool = False
+
+
+def measurement_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, M) predictions and targets -> scalar: summed over measurements, averaged over the batch."""
+    diff = pred - target
+    error = diff.abs() if kind == "l1" else diff.square()
+    return reduce(error, "b m -> b", "sum").mean()
+
+
+def area_indices(transform: VariableTransform, region_names: tuple[str, ...]) -> torch.Tensor:
+    """Parent indices of the structure x region area variables, in ``variable_names`` order, (S*K,)."""
+    names = variable_names(tuple(region_names))
+    missing = [n for n in names if n not in transform.names]
+    if missing:
+        raise ConfigError(
+            f"the regions {list(region_names)} imply area variables {missing} that the data does not "
+            f"have; its variables are {list(transform.names)} (does the partitioner match the data set's?)"
+        )
+    return torch.tensor([transform.names.index(n) for n in names], dtype=torch.long)
+
+
+def normalise_with(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The affine map of ``VariableTransform.normalise`` for given per-measurement ranges, (..., M)."""
+    low, high = low.to(values), high.to(values)
+    return (values - low) / (high - low) * 2 - 1
+
+
+class MeasurementGuidance(GuidanceStrategy):
+    """Base of the built-ins: subclasses say what they measure and which predictor they need."""
+
+    predictor_field: ClassVar[Literal["segmentor", "regressor"]]
+
+    def __init__(self, config: GuidanceConfig, predictor: nn.Module):
+        super().__init__()
+        self.config = config
+        self.predictor = freeze(predictor)
+
+    @classmethod
+    def from_config(cls, config: GuidanceConfig, *, predictors: GuidancePredictors) -> "MeasurementGuidance":
+        predictor = getattr(predictors, cls.predictor_field)
+        if predictor is None:
+            raise ConfigError(
+                f"guidance strategy {config.name!r} needs the frozen {cls.predictor_field}, "  # type: ignore[attr-defined]
+                f"but none was given (train the {cls.predictor_field} stage first)"
+            )
+        return cls(config, predictor)
+
+    @property
+    def term_name(self) -> str:
+        return self.config.name  # type: ignore[attr-defined]
+
+    def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
+        """(B, 1, H, W) image -> (B, M) normalised measurements read by the frozen predictor."""
+        raise NotImplementedError
+
+    def target(self, parents: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
+        """(B, P) parents in data units -> (B, M) the normalised measurements they imply."""
+        raise NotImplementedError
+
+    def touched(self, intervened: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
+        """(B, P) bool intervened variables -> (B, M) bool measurements the intervention targets."""
+        raise NotImplementedError
+
+    def forward(self, inputs: GuidanceInputs) -> dict[str, torch.Tensor]:
+        pred = self.measure(inputs.cf_image, inputs)  # (B, M), differentiable in x~
+        target = self.target(inputs.cf_parents, inputs)  # (B, M)
+        if self.config.soft_labels:
+            with torch.no_grad():
+                reading = self.measure(inputs.image, inputs)
+                shift = target - self.target(inputs.parents, inputs)
+            target = torch.where(self.touched(inputs.intervened, inputs), target, reading + shift)
+        return {self.term_name: self.config.weight * measurement_loss(pred, target.detach(), self.config.loss)}

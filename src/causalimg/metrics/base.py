@@ -1,0 +1,219 @@
+"""What every counterfactual metric shares: the metric interface, the per-batch context, seeded
+intervention targets, confidence intervals and the gather-across-processes evaluation loop.
+
+A metric is two functions:
+  ``metric(model, batch, context) -> {column: tensor}`` per-image rows, every tensor's first axis
+      the batch axis (so ``accelerator.gather_for_metrics`` can gather it and drop the padding
+      duplicates of the last batch), and
+  ``metric.aggregate(rows, info) -> dict`` a JSON-able summary of the gathered rows.
+
+``model`` is anything with ``counterfactual(x, pa, do) -> (x~, pa~)`` in data units (mm^2), the
+signature of ``core.scm.DSCM.counterfactual`` at a fixed temperature (``DSCMCounterfactuals``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from causalimg.core.regions import variable_areas
+from causalimg.core.transform import VariableTransform
+
+Do = Mapping[str, torch.Tensor]  # variable -> (B,) targets in data units
+Rows = dict[str, torch.Tensor]
+
+# Seed streams: each kind of random choice draws from its own stream, per image index.
+TARGET_STREAM = 1
+
+
+class CounterfactualModel(Protocol):
+    def counterfactual(self, x: torch.Tensor, pa: torch.Tensor, do: Do) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 1, H, W), pa (B, P) -> (x~ (B, 1, H, W), pa~ (B, P)); an empty ``do`` is the null intervention."""
+        ...
+
+
+class DSCMCounterfactuals:
+    """A DSCM at a fixed abduction temperature, with the null intervention as abduct + predict."""
+
+    def __init__(self, dscm: Any, temperature: float = 0.0):
+        self.dscm = dscm
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def counterfactual(self, x: torch.Tensor, pa: torch.Tensor, do: Do) -> tuple[torch.Tensor, torch.Tensor]:
+        if do:
+            return self.dscm.counterfactual(x, pa, do, self.temperature)
+        exogenous = self.dscm.abduct(x, pa, self.temperature)
+        pa_norm = self.dscm.transform.normalise(pa)
+        return self.dscm.image.predict(exogenous, self.dscm.image_parents(pa_norm)), pa
+
+
+class TrueCounterfactual(Protocol):
+    def __call__(self, batch: Mapping[str, Any], do: Do) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The data's TRUE counterfactual: (image (B, 1, H, W), masks (B, C, H, W), parents (B, P))."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvalInfo:
+    """What aggregation needs to name things."""
+
+    variables: tuple[str, ...]
+    region_names: tuple[str, ...]
+
+
+@dataclass
+class EvalContext:
+    """Everything a metric may use for one batch, and the counterfactuals metrics share.
+
+    segment:  image (B, 1, H, W) -> class probabilities (B, C, H, W) from the EVALUATION segmentor
+    features: image -> (B, D) evaluation-segmentor features (realism)
+    true_counterfactual: the data set's ground truth, or None where the data has none
+    """
+
+    info: EvalInfo
+    transform: VariableTransform
+    regions: torch.Tensor  # (B or 1, K, H, W)
+    pixel_area_mm2: float
+    segment: Callable[[torch.Tensor], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor]
+    true_counterfactual: TrueCounterfactual | None = None
+    seed: int = 0
+    _sweep: "Sweep | None" = field(default=None, repr=False)
+
+    def measure(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation-segmentor areas of every variable, (B, P) in mm^2."""
+        return variable_areas(self.segment(images), self.regions, self.pixel_area_mm2)
+
+    def sweep(self, model: CounterfactualModel, batch: Mapping[str, Any]) -> "Sweep":
+        """do(v := target) for each variable v in turn, computed once per batch and shared."""
+        if self._sweep is None:
+            self._sweep = Sweep.compute(model, batch, self)
+        return self._sweep
+
+
+@dataclass
+class Sweep:
+    """One single-variable intervention per variable, for every image of a batch.
+
+    targets:    (B, P) the target of do(v) in column v
+    cf_images:  (B, P, 1, H, W) x~ under do(v), v on the second axis
+    cf_parents: (B, P, P) pa~ under do(v)
+    """
+
+    targets: torch.Tensor
+    cf_images: torch.Tensor
+    cf_parents: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> "Sweep":
+        x, pa = batch["image"], batch["parents"]
+        targets = intervention_targets(batch["index"], context.transform, context.seed, TARGET_STREAM).to(pa)
+        images, parents = [], []
+        for v, name in enumerate(context.info.variables):
+            x_cf, pa_cf = model.counterfactual(x, pa, {name: targets[:, v]})
+            images.append(x_cf)
+            parents.append(pa_cf)
+        return cls(targets, torch.stack(images, dim=1), torch.stack(parents, dim=1))
+
+
+def intervention_targets(index: torch.Tensor, transform: VariableTransform, seed: int, stream: int) -> torch.Tensor:
+    """Targets uniform over each variable's observed range: (B,) image indices -> (B, P) mm^2.
+
+    Drawn from a generator keyed by (seed, stream, image index), so an image gets the same targets
+    whatever the batch size, the number of processes or the order of evaluation.
+    """
+    u = np.stack([np.random.default_rng([seed, stream, int(i)]).random(len(transform.names)) for i in index.tolist()])
+    u = torch.as_tensor(u, dtype=torch.float32).reshape(len(index), len(transform.names))  # (B, P)
+    return transform.low + u * (transform.high - transform.low)
+
+
+def to_255(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] intensities -> [0, 255], the units of the composition/reversibility literature."""
+    return (image + 1) * 127.5
+
+
+def t_quantile_975(df: int) -> float:
+    """Two-sided 95% Student-t quantile: exact below 5 degrees of freedom, else the Cornish-Fisher
+    expansion (error < 5e-4)."""
+    z = 1.959963984540054
+    if df < 1:
+        return math.nan
+    if df <= 4:
+        return (12.706204736, 4.302652730, 3.182446305, 2.776445105)[df - 1]
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+def mean_ci(values: torch.Tensor) -> dict[str, float]:
+    """Mean and half-width of its 95% t-interval over the first axis of a 1-D tensor."""
+    values = values.double().flatten()
+    values = values[torch.isfinite(values)]
+    n = int(values.numel())
+    if n == 0:
+        return {"mean": math.nan, "ci95": math.nan, "n": 0}
+    mean = float(values.mean())
+    if n == 1:
+        return {"mean": mean, "ci95": math.nan, "n": 1}
+    return {"mean": mean, "ci95": t_quantile_975(n - 1) * float(values.std()) / math.sqrt(n), "n": n}
+
+
+def region_of(variable_index: int, num_regions: int) -> int:
+    """Variables are structure-major (``core.variables.variable_names``): v -> its region index."""
+    return variable_index % num_regions
+
+
+def same_structure(variable_index: int, num_regions: int) -> range:
+    """Indices of the variables of the same structure as ``variable_index`` (all its regions)."""
+    first = variable_index - region_of(variable_index, num_regions)
+    return range(first, first + num_regions)
+
+
+class Metric(Protocol):
+    name: str
+
+    def __call__(self, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> Rows: ...
+
+    def aggregate(self, rows: Rows, info: EvalInfo) -> dict[str, Any]: ...
+
+
+class Gatherer(Protocol):
+    def gather_for_metrics(self, value: Any) -> Any: ...
+
+
+def evaluate(
+    metrics: Mapping[str, Metric],
+    model: CounterfactualModel,
+    batches: Iterable[Mapping[str, Any]],
+    make_context: Callable[[Mapping[str, Any]], EvalContext],
+    info: EvalInfo,
+    gatherer: Gatherer | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run every metric on every batch, gather rows across processes, aggregate.
+
+    With Accelerate, ``batches`` is a prepared data loader and ``gatherer`` the accelerator; each
+    rank computes rows for its shard and every rank ends with the same summaries.
+    """
+    collected: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in metrics}
+    for batch in batches:
+        context = make_context(batch)
+        for name, metric in metrics.items():
+            rows = metric(model, batch, context)
+            for column, value in rows.items():
+                value = value.detach().float().contiguous()
+                if gatherer is not None:
+                    value = gatherer.gather_for_metrics(value)
+                collected[name].setdefault(column, []).append(value.cpu())
+    summaries = {}
+    for name, metric in metrics.items():
+        rows = {column: torch.cat(parts) for column, parts in collected[name].items()}
+        summaries[name] = metric.aggregate(rows, info)
+    return summaries

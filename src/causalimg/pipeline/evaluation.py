@@ -1,0 +1,117 @@
+"""The evaluate stage of one strategy: every configured metric on the test split, and Figure 1's images.
+
+Metrics see the fine-tuned DSCM at the fine-tuning temperature through ``DSCMCounterfactuals``,
+measure with the EVALUATION segmentor, and score against the data set's true counterfactuals
+where it has them. The test images are sharded over processes and the rows gathered with
+``accelerator.gather_for_metrics``, so every process ends with the same summaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Subset
+
+from causalimg.config.sections import TrainConfig
+from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name
+from causalimg.metrics.base import DSCMCounterfactuals, EvalContext, EvalInfo, TrueCounterfactual, evaluate
+from causalimg.pipeline.stage import StageContext, atomic_path, atomic_write_json
+from causalimg.training.accelerator import make_accelerator
+
+METRICS_FILE = "metrics.json"
+FIGURE_FILE = "figure.safetensors"
+FIGURE_CHANGE_MM2 = 20.0  # Figure 1: do(CPA-region := CPA-region + 20 mm^2), clipped to the support
+FIGURE_STRUCTURE = next(s for s in STRUCTURES if s.label == CALCIFIED)
+
+
+def true_counterfactual(source: Any) -> TrueCounterfactual | None:
+    """The data set's ground-truth counterfactual as a metric callable, or None if it has none."""
+    render = getattr(source, "true_counterfactual", None)
+    if render is None:
+        return None
+    return lambda batch, do: render(batch, do)
+
+
+def figure_images(dscm: Any, batch: Mapping[str, torch.Tensor], region_names: tuple[str, ...], temperature: float) -> dict[str, torch.Tensor]:
+    """Counterfactuals of one test image, +20 mm^2 calcified plaque in each region in turn.
+
+    The image is the one of the batch with the most room for the change in its tightest region, so
+    the clipping to the support shrinks the change as little as possible (the same image for every
+    strategy, since the choice depends on the data only).
+    """
+    transform = dscm.transform
+    columns = [transform.index(variable_name(FIGURE_STRUCTURE, r)) for r in region_names]
+    pa = batch["parents"]
+    room = (transform.high[columns].to(pa) - pa[:, columns]).clamp(max=FIGURE_CHANGE_MM2).min(1).values  # (B,)
+    i = int(room.argmax())
+    x, pa = batch["image"][i : i + 1], pa[i : i + 1]
+    model = DSCMCounterfactuals(dscm, temperature)
+    images, targets = [], []
+    for column in columns:
+        target = (pa[:, column] + FIGURE_CHANGE_MM2).clamp(float(transform.low[column]), float(transform.high[column]))
+        x_cf, _ = model.counterfactual(x, pa, {transform.names[column]: target})
+        images.append(x_cf[0])
+        targets.append(target)
+    return {
+        "factual": x[0].cpu(),  # (1, H, W)
+        "counterfactuals": torch.stack(images).cpu(),  # (K, 1, H, W)
+        "targets": torch.cat(targets).cpu(),  # (K,) mm^2
+        "factual_values": pa[0, columns].cpu(),  # (K,)
+        "regions": batch["regions"][i].cpu(),  # (K, H, W)
+    }
+
+
+def figure_titles(figure: Mapping[str, torch.Tensor], region_names: tuple[str, ...]) -> list[str]:
+    return [
+        f"do({display_name(variable_name(FIGURE_STRUCTURE, r))}: {float(a):.1f} -> {float(b):.1f})"
+        for r, a, b in zip(region_names, figure["factual_values"], figure["targets"])
+    ]
+
+
+def evaluate_strategy(
+    dscm: Any, evaluation_segmentor: torch.nn.Module, source: Any, config: Any, registry: Any, ctx: StageContext, seed: int
+) -> dict[str, Any]:
+    """Write ``metrics.json`` and ``figure.safetensors``; returns the headline numbers."""
+    accelerator = make_accelerator(TrainConfig(), ctx.dir)
+    device = accelerator.device
+    dscm.to(device).eval()
+    evaluation_segmentor.to(device)
+    test = source.split("test")
+    n = min(config.evaluate.num_images, len(test))
+    loader = DataLoader(Subset(test, range(n)), batch_size=config.finetune.train.batch_size)
+    loader = accelerator.prepare_data_loader(loader)
+    info = EvalInfo(tuple(dscm.transform.names), tuple(source.region_names))
+    metrics = {m.name: registry.get("metric", m.name).factory(m) for m in config.evaluate.metrics}
+    truth = true_counterfactual(source)
+    pixel_area = float(source.spacing_mm) ** 2
+
+    @torch.no_grad()
+    def segment(images: torch.Tensor) -> torch.Tensor:
+        return evaluation_segmentor(images).softmax(dim=1)  # (B, C, H, W)
+
+    @torch.no_grad()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return evaluation_segmentor.features(images)  # (B, D)
+
+    def make_context(batch: Mapping[str, Any]) -> EvalContext:
+        return EvalContext(info, dscm.transform, batch["regions"], pixel_area, segment, features, truth, seed=seed)
+
+    model = DSCMCounterfactuals(dscm, config.finetune.temperature)
+    summaries = evaluate(metrics, model, loader, make_context, info, gatherer=accelerator)
+    if accelerator.is_main_process:
+        atomic_write_json(ctx.dir / METRICS_FILE, {"num_images": n, "metrics": summaries})
+        first = next(iter(DataLoader(Subset(test, range(min(n, 32))), batch_size=32)))
+        first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
+        with torch.no_grad():
+            figure = figure_images(dscm, first, info.region_names, config.finetune.temperature)
+        with atomic_path(ctx.dir / FIGURE_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in figure.items()}, str(tmp))
+    accelerator.wait_for_everyone()
+    headline: dict[str, Any] = {"num_images": n}
+    for name in ("effectiveness", "ground-truth"):
+        summary = summaries.get(name, {})
+        if "intervened" in summary:
+            headline[name] = {"intervened": summary["intervened"], "off_target": summary["off_target"]}
+    return headline

@@ -1,0 +1,98 @@
+"""The run entry point: ``python -m causalimg.run --config X`` or ``accelerate launch -m causalimg.run``.
+
+Every rank runs :func:`main`: it validates the config (plugins included) before anything is built,
+writes the resolved config to ``run.dir/config.yaml`` (main process only, atomically) and runs
+the stages in ``STAGES`` order. Fine-tuning runs once per strategy label of the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from causalimg.cli import add_config_arguments, report_errors
+from causalimg.config.loader import dump_config, load_config
+from causalimg.errors import ConfigError
+
+STAGES: tuple[str, ...] = ("data", "flows", "predictors", "pretrain", "finetune", "evaluate", "report")
+RESOLVED_CONFIG = "config.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m causalimg.run", description=__doc__.splitlines()[0])
+    add_config_arguments(parser, flag=True)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--only", choices=STAGES, metavar="STAGE", help=f"run one stage ({', '.join(STAGES)})")
+    which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the ones after it")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run.dir with the same config")
+    return parser
+
+
+def select_stages(only: str | None = None, start: str | None = None) -> tuple[str, ...]:
+    """The stages to run, in order: all, one (``--only``) or a suffix (``--from``)."""
+    if only is not None:
+        return (only,)
+    return STAGES[STAGES.index(start):] if start is not None else STAGES
+
+
+def plan(config: Any, stages: Sequence[str]) -> list[str]:
+    """One line per stage run; fine-tuning once per strategy label."""
+    lines = []
+    for stage in stages:
+        if stage == "finetune":
+            lines += [f"finetune[{label}]" for label in config.finetune.strategies]
+        else:
+            lines.append(stage)
+    return lines
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (``RANK`` is set by ``accelerate launch`` / torchrun), or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def check_resume(run_dir: Path, resolved: str) -> None:
+    """Resuming needs the run's saved config, unchanged: a changed config is a new run."""
+    saved = run_dir / RESOLVED_CONFIG
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {str(saved)!r} does not exist; there is no run to resume in {str(run_dir)!r}")
+    if saved.read_text() != resolved:
+        raise ConfigError(
+            f"--resume: the config differs from the one saved in {str(saved)!r}; "
+            "use a new run.dir or drop --resume to start over"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    resolved = dump_config(config)
+    run_dir = Path(config.run.dir)
+    if args.resume:
+        check_resume(run_dir, resolved)
+    if is_main_process():
+        write_atomic(run_dir / RESOLVED_CONFIG, resolved)
+        steps = plan(config, select_stages(args.only, args.start))
+        print(f"run {run_dir} (seed {config.run.seed}{', resuming' if args.resume else ''})")
+        print("\n".join(f"  {i}. {step}" for i, step in enumerate(steps, start=1)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_errors(lambda: run(args), prog="causalimg.run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

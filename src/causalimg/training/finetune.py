@@ -1,0 +1,278 @@
+"""Counterfactual fine-tuning (CFT): make the pretrained DSCM obey interventions it learnt to ignore.
+
+One step on a factual batch (x, pa, regions):
+  1. action: pick one area variable at random (``interventions_per_step`` distinct ones) and draw
+     each image's target uniformly over the variable's observed range [low, high];
+  2. pa~ = DSCM.counterfactual_parents(pa, do): descendants move through their flows;
+  3. abduct z from (x, pa) at ``temperature``, decode x~ = g(z, pa~);
+  4. guidance G = sum of the strategy's weighted terms on (x~, pa~, x, pa, regions);
+  5. keep the factual nelbo N from degrading, with slack s = eps - N:
+       lagrangian:  loss = G - (lambda - damping * sg(s)) * s
+                    lambda <- max(0, lambda - lagrange_lr * s)   (gradient ascent: dloss/dlambda = -s)
+       fixed:       loss = G + weight * N
+     eps is the pretrained model's train-set nelbo (``measure_nelbo``, eval mode).
+
+``CounterfactualFineTuning`` is the module the shared training loop (``training.loop.fit``)
+trains: it holds the DSCM, the frozen guidance strategies and the multiplier lambda (a buffer, so
+checkpoints and resumes keep it). Only the image mechanism trains (all of it, or every part but
+its bottom-up ``encoder``); flows and predictors never do.
+
+No-CFT (a strategy with no guidance terms) is the pretrained DSCM used as it is, the paper's
+baseline: ``finetune_dscm`` then trains nothing and writes the pretrained weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import Dataset
+
+from causalimg.config.base import StrictModel
+from causalimg.config.sections import TrainConfig
+from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
+from causalimg.core.scm import DSCM
+from causalimg.core.variables import variable_names
+from causalimg.errors import ConfigError, DataError
+from causalimg.plugins.manager import Registry
+from causalimg.predictors.frozen import freeze
+from causalimg.training import checkpoint as ckpt
+from causalimg.training.loop import SUMMARY_FILE, WEIGHTS_FILE, TrainResult, fit
+
+
+def build_strategies(
+    terms: Sequence[StrictModel], registry: Registry, predictors: GuidancePredictors
+) -> list[GuidanceStrategy]:
+    """One strategy per configured guidance term (none for No-CFT); a repeated term is an error."""
+    names = [term.name for term in terms]  # type: ignore[attr-defined]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"finetune.strategies: guidance term(s) {repeated} appear twice in one strategy")
+    return [registry.get("guidance", term.name).factory(term, predictors=predictors) for term in terms]  # type: ignore[attr-defined]
+
+
+def select_trainable(dscm: DSCM, trainable: Literal["all", "decoder"]) -> list[nn.Parameter]:
+    """The image mechanism's parameters: all, or all outside its bottom-up ``encoder`` (g(z, pa))."""
+    image = dscm.image
+    if trainable == "all":
+        return list(image.parameters())
+    encoder = getattr(image, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(
+            f"finetune.trainable='decoder' needs an image mechanism with an `encoder` submodule; "
+            f"{type(image).__name__} has none: use trainable='all'"
+        )
+    frozen = {id(p) for p in encoder.parameters()}
+    return [p for p in image.parameters() if id(p) not in frozen]
+
+
+@torch.no_grad()
+def measure_nelbo(dscm: DSCM, batches: Iterable[Mapping[str, torch.Tensor]], max_batches: int | None = None) -> float:
+    """Mean factual nelbo (nats per pixel) in eval mode: eps, the level fine-tuning must keep."""
+    was_training = dscm.training
+    dscm.eval()
+    device = next(dscm.parameters()).device
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, pa = batch["image"].to(device), batch["parents"].to(device)
+        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["nelbo"]  # (B,)
+        total += float(nelbo.sum())
+        count += nelbo.shape[0]
+    dscm.train(was_training)
+    if count == 0:
+        raise DataError("cannot measure the pretrained nelbo: no training batches")
+    return total / count
+
+
+def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+class LagrangeMultiplier(nn.Module):
+    """lambda >= 0 of the damped Lagrangian (Platt & Barr's MDMM), a buffer so checkpoints keep it."""
+
+    value: torch.Tensor
+
+    def __init__(self, lr: float, damping: float):
+        super().__init__()
+        self.lr, self.damping = lr, damping
+        self.register_buffer("value", torch.zeros(()))
+
+    def penalty(self, slack: torch.Tensor) -> torch.Tensor:
+        """-(lambda - damping * sg(s)) * s for the slack s = eps - nelbo (a scalar)."""
+        return -(self.value.to(slack) - self.damping * slack.detach()) * slack
+
+    @torch.no_grad()
+    def ascend(self, slack: torch.Tensor) -> None:
+        """lambda <- max(0, lambda - lr * s); s is averaged over processes so all ranks agree.
+
+        A non-finite slack (a step the loop will skip) leaves lambda as it is.
+        """
+        slack = _mean_over_processes(slack.detach().float())
+        if torch.isfinite(slack):
+            self.value.sub_(self.lr * slack.to(self.value)).clamp_(min=0.0)
+
+
+class CounterfactualFineTuning(nn.Module):
+    """The CFT step as the module the loop trains: ``forward(batch) -> {"loss", "guidance", ...}``.
+
+    It holds the DSCM, the frozen strategies and the multiplier, so one ``state_dict`` (the loop's
+    checkpoints) carries lambda with the weights. ``trainable`` lists what the optimiser may move.
+    batch: ``image`` (B, 1, H, W), ``parents`` (B, P) data units and ``regions`` (B, K, H, W);
+    without ``regions`` in the batch the fixed ``regions`` (1, K, H, W) given here are used.
+    """
+
+    def __init__(
+        self,
+        dscm: DSCM,
+        strategies: Sequence[GuidanceStrategy],
+        *,
+        region_names: tuple[str, ...],
+        pixel_area_mm2: float,
+        eps: float,
+        regions: torch.Tensor | None = None,
+        constraint: Literal["lagrangian", "fixed"] = "lagrangian",
+        lagrange_lr: float = 0.05,
+        damping: float = 10.0,
+        nelbo_weight: float = 1.0,
+        temperature: float = 0.1,
+        interventions_per_step: int = 1,
+        trainable: Literal["all", "decoder"] = "all",
+    ):
+        super().__init__()
+        self.dscm = dscm
+        self.strategies = nn.ModuleList(freeze(s) for s in strategies)  # predictors never train
+        self.multiplier = LagrangeMultiplier(lagrange_lr, damping)
+        self.trainable = select_trainable(dscm, trainable)
+        self.fixed_regions = None if regions is None else regions.float()
+        self.region_names = tuple(region_names)
+        self.pixel_area_mm2, self.eps, self.constraint = float(pixel_area_mm2), float(eps), constraint
+        self.nelbo_weight, self.temperature = nelbo_weight, temperature
+        names = dscm.transform.names
+        self.area_columns = [names.index(n) for n in variable_names(self.region_names) if n in names]
+        if not self.area_columns:
+            raise ConfigError(f"no area variable of regions {list(self.region_names)} among the data's {list(names)}")
+        if interventions_per_step > len(self.area_columns):
+            raise ConfigError(
+                f"finetune.interventions_per_step={interventions_per_step} exceeds the "
+                f"{len(self.area_columns)} area variables"
+            )
+        self.interventions_per_step = interventions_per_step
+
+    def train(self, mode: bool = True) -> "CounterfactualFineTuning":
+        """Train mode reaches the image mechanism; flows and predictors stay in eval mode."""
+        super().train(mode)
+        self.dscm.attributes.eval()
+        for strategy in self.strategies:
+            strategy.train(mode)  # a GuidanceStrategy keeps its predictors in eval mode
+        return self
+
+    def draw_intervention(self, parents: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """do(...) on random area variables, targets uniform over [low, high]; and the (B, P) mask.
+
+        Uses the global torch generator, which the loop seeds per (seed, rank, step).
+        """
+        transform = self.dscm.transform
+        batch = parents.shape[0]
+        chosen = torch.randperm(len(self.area_columns))[: self.interventions_per_step].tolist()
+        do: dict[str, torch.Tensor] = {}
+        intervened = torch.zeros_like(parents, dtype=torch.bool)
+        for k in chosen:
+            col = self.area_columns[k]
+            low, high = float(transform.low[col]), float(transform.high[col])
+            do[transform.names[col]] = (low + torch.rand(batch) * (high - low)).clamp(low, high).to(parents)
+            intervened[:, col] = True
+        return do, intervened
+
+    def _regions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "regions" in batch:
+            return batch["regions"]
+        if self.fixed_regions is None:
+            raise DataError("fine-tuning needs region masks: a 'regions' entry in the batch or fixed regions")
+        return self.fixed_regions.to(batch["image"].device)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, pa = batch["image"], batch["parents"]  # (B, 1, H, W), (B, P) mm^2
+        dscm = self.dscm
+        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["nelbo"].mean()
+        slack = self.eps - nelbo  # > 0 while the factual fit is at least as good as pretrained
+
+        do, intervened = self.draw_intervention(pa)
+        cf_image, cf_parents = dscm.counterfactual(x, pa, do, t=self.temperature)
+        inputs = GuidanceInputs(
+            cf_image=cf_image, cf_parents=cf_parents, image=x, parents=pa, intervened=intervened,
+            regions=self._regions(batch), pixel_area_mm2=self.pixel_area_mm2, transform=dscm.transform,
+            region_names=self.region_names,
+        )  # fmt: skip
+        terms: dict[str, torch.Tensor] = {}
+        for strategy in self.strategies:
+            terms.update({f"guidance/{k}": v for k, v in strategy(inputs).items()})
+        guidance = sum(terms.values(), torch.zeros((), device=x.device))
+
+        if self.constraint == "fixed":
+            loss = guidance + self.nelbo_weight * nelbo
+        else:
+            loss = guidance + self.multiplier.penalty(slack)
+            if torch.is_grad_enabled() and self.training:
+                self.multiplier.ascend(slack)
+        return {
+            "loss": loss,
+            "guidance": guidance.detach(),
+            "nelbo": nelbo.detach(),
+            "slack": slack.detach(),
+            "lambda": self.multiplier.value.clone(),
+            **{k: v.detach() for k, v in terms.items()},
+        }
+
+
+def finetune_objective(model: nn.Module, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """``training.loop.fit``'s objective for a ``CounterfactualFineTuning`` model."""
+    return model(batch)
+
+
+def needs_finetuning(terms: Sequence[StrictModel]) -> bool:
+    """False for No-CFT (no guidance terms): the pretrained DSCM is the result as it is."""
+    return len(terms) > 0
+
+
+def finetune_dscm(
+    cft: CounterfactualFineTuning,
+    dataset: Dataset,
+    config: TrainConfig,
+    out_dir: Path,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    resume: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    desc: str = "finetune",
+) -> TrainResult:
+    """Fine-tune ``cft.dscm`` in place with the shared loop; No-CFT (no strategies) keeps it as it is.
+
+    Writes ``weights.safetensors`` (the CFT module's EMA state; No-CFT: the pretrained DSCM's) and
+    ``summary.json`` into out_dir.
+    """
+    if len(cft.strategies) == 0:
+        out_dir = Path(out_dir)
+        summary = {"desc": desc, "steps": 0, "no_cft": True, "weights": WEIGHTS_FILE,
+                   "note": "No-CFT: the pretrained DSCM, unchanged"}  # fmt: skip
+        if accelerator.is_main_process:
+            ckpt.atomic_save_tensors(out_dir / WEIGHTS_FILE, cft.dscm.state_dict())
+            ckpt.atomic_write_json(out_dir / SUMMARY_FILE, summary)
+        accelerator.wait_for_everyone()
+        return TrainResult(weights=out_dir / WEIGHTS_FILE, summary=summary)
+    cft.train()
+    return fit(
+        cft, finetune_objective, dataset, config, out_dir, accelerator, seed=seed, parameters=cft.trainable,
+        desc=desc, resume=resume, collate_fn=collate_fn,
+    )  # fmt: skip
