@@ -79,7 +79,7 @@ def build(preset: str, shape: tuple[int, int], mode: str, batch: int):
             loss = model.loss(x, pa)["nelbo"].mean()
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     return model, step
 

@@ -84,7 +84,7 @@ def test_console_errors_have_no_traceback(tmp_path):
 
 
 def test_run_writes_resolved_config_and_prints_plan(toy_config, tmp_path, capsys):
-    assert run.main(["--config", str(toy_config), "--set", "pretrain.steps=3"]) == 0
+    assert run.main(["--dry-run", "--config", str(toy_config), "--set", "pretrain.steps=3"]) == 0
     out = capsys.readouterr().out
     steps = [line.split(". ", 1)[1] for line in out.splitlines()[1:]]
     assert steps == ["data", "flows", "predictors", "pretrain", "finetune[none]", "finetune[guided]", "evaluate", "report"]
@@ -111,8 +111,8 @@ def test_only_and_from_together_is_a_usage_error():
 def test_resume_needs_the_same_saved_config(toy_config, capsys):
     assert run.main(["--config", str(toy_config), "--resume"]) == 2
     assert "no run to resume" in capsys.readouterr().err
-    assert run.main(["--config", str(toy_config)]) == 0
-    assert run.main(["--config", str(toy_config), "--resume"]) == 0
+    assert run.main(["--dry-run", "--config", str(toy_config)]) == 0
+    assert run.main(["--dry-run", "--config", str(toy_config), "--resume"]) == 0
     assert run.main(["--config", str(toy_config), "--resume", "--set", "run.seed=9"]) == 2
     assert "config differs" in capsys.readouterr().err
 

@@ -49,3 +49,15 @@ def test_readme_links_resolve():
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(([^)#:]+)\)", readme):
         assert (ROOT / target).exists(), target
+
+
+def readme_command(section: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    body = readme.split(f"## {section}\n", 1)[1]
+    return body.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci_lines[-2:] == [readme_command("Set up"), readme_command("Test")]
+    assert "set -euo pipefail" in ci_lines

@@ -112,9 +112,13 @@ def test_multiplier_rises_while_nelbo_exceeds_eps_and_never_goes_negative() -> N
     lam = LagrangeMultiplier(lr=0.5, damping=10.0)
     values = []
     for slack in (-1.0, -1.0, 0.2, 5.0, 5.0, float("nan")):  # slack = eps - nelbo
-        lam.ascend(torch.tensor(slack))
+        lam.record(torch.tensor(slack))
+        assert float(lam.value) == (values[-1] if values else 0.0)  # applied before the next batch
+        lam.ascend()
         values.append(float(lam.value))
     assert values == pytest.approx([0.5, 1.0, 0.9, 0.0, 0.0, 0.0])
+    lam.ascend()  # nothing recorded: no change
+    assert float(lam.value) == 0.0
     restored = LagrangeMultiplier(lr=0.5, damping=10.0)
     lam.value.fill_(2.5)
     restored.load_state_dict(lam.state_dict())

@@ -131,8 +131,9 @@ def toy_true_counterfactual(batch, do):
 
 
 def make_context(batch, truth=True):
+    regions = region_masks().expand(len(batch["index"]), -1, -1, -1)  # per-image regions, as data sets give
     return EvalContext(
-        INFO, TRANSFORM, region_masks(), 1.0, segment, features, toy_true_counterfactual if truth else None, seed=3
+        INFO, TRANSFORM, regions, 1.0, segment, features, toy_true_counterfactual if truth else None, seed=3
     )
 
 
@@ -235,3 +236,21 @@ def test_mean_ci_matches_a_hand_computed_t_interval():
     assert t_quantile_975(30) == pytest.approx(2.042272, abs=5e-4)
     assert t_quantile_975(6) == pytest.approx(2.446912, abs=5e-4)
     assert math.isnan(mean_ci(torch.tensor([1.0]))["ci95"])
+
+
+def test_unreachable_true_counterfactuals_are_counted_and_left_out():
+    def partial_truth(batch, do):
+        image, masks, parents = toy_true_counterfactual(batch, do)
+        (value,) = do.values()
+        missing = value > 20  # pretend these targets do not fit the true geometry
+        image[missing], masks[missing], parents[missing] = torch.nan, torch.nan, torch.nan
+        return image, masks, parents
+
+    def context(batch):
+        return EvalContext(INFO, TRANSFORM, region_masks(), 1.0, segment, features, partial_truth, seed=3)
+
+    out = evaluate({"gt": GroundTruth()}, Perfect(), batches(), context, INFO)["gt"]
+    assert out["unreachable"]["cpa_mid"] == 0 and out["unreachable"]["la_mid"] > 0
+    assert out["intervened"] == 0 and out["image_mean"]["mae_in"] == 0
+    n_la = out["cells"]["la_mid"]["la_mid"]["n"]
+    assert n_la == 12 - out["unreachable"]["la_mid"]

@@ -69,7 +69,7 @@ def make_objective(fail_at: int | None = None, nan_at: tuple[int, ...] = (), sle
             extra.calls += 1
         if step in nan_at:
             loss = loss * float("nan")
-        return {"loss": loss}
+        return {"loss": loss, "batch": torch.tensor(float(len(x)))}
 
     return objective
 
@@ -120,7 +120,8 @@ def test_saved_weights_are_the_ema_and_loaded_into_the_model(tmp_path):
     assert not torch.equal(saved["0.weight"], raw["0.weight"])  # the average lags the last weights
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["skipped_steps"] == 0 and summary["images_per_s"] > 0
-    assert math.isfinite(summary["final_loss"]) and summary == result.summary
+    assert math.isfinite(summary["final_loss"]) and summary["final_metrics"] == {"batch": 4.0}
+    assert summary == result.summary
 
 
 def test_nan_loss_skips_the_step_without_touching_weights(tmp_path):
@@ -261,7 +262,7 @@ class _Evil:
 def _evil_pickle(path: Path, marker: Path) -> None:
     evil = _Evil()
     evil.marker = marker
-    path.write_bytes(pickle.dumps({"state": evil}))
+    path.write_bytes(pickle.dumps({"state": evil}, protocol=2))
 
 
 def test_pickled_weights_are_refused_and_never_run(tmp_path):
@@ -304,6 +305,16 @@ def test_bf16_channels_last_and_tensorboard(tmp_path):
     result = fit(conv, objective, images, config, tmp_path, accelerator, seed=0, desc="bf16")
     assert result.summary["mixed_precision"] == "bf16" and result.summary["skipped_steps"] == 0
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
+
+
+def test_tied_weights_are_saved_and_loaded(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].weight = model[0].weight
+    ckpt.atomic_save_tensors(tmp_path / "tied.safetensors", model.state_dict())
+    copy = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    copy[1].weight = copy[0].weight
+    ckpt.load_weights(copy, tmp_path / "tied.safetensors")
+    assert torch.equal(copy[1].weight, model[0].weight) and copy[1].weight is copy[0].weight
 
 
 def test_parameter_subset_freezes_the_rest_for_the_run(tmp_path):

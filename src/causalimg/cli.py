@@ -29,7 +29,9 @@ class Command:
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, flag: bool = False) -> None:
     """The config file (or shipped config name) and repeatable ``--set a.b=value`` overrides."""
-    config_help = "a YAML/TOML file or the name of a shipped config (tiny, quickstart, cpu, paper)"
+    from causalimg.config.loader import shipped_configs
+
+    config_help = f"a YAML/TOML file or the name of a shipped config ({', '.join(shipped_configs()) or 'none'})"
     if flag:
         parser.add_argument("--config", required=True, help=config_help)
     else:
@@ -119,15 +121,40 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contact_sheet_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--split", default="train", choices=("train", "val", "test"))
+    parser.add_argument("-n", type=int, default=6, help="number of samples (default 6)")
+    parser.add_argument("--out", default="contact_sheet.png", help="PNG to write (default contact_sheet.png)")
+
+
+def _contact_sheet(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from causalimg.config.loader import load_config
+    from causalimg.pipeline.components import data_source
+    from causalimg.plugins.manager import load_registry
+    from causalimg.report.contact_sheet import render_contact_sheet
+
+    config = load_config(args.config, args.overrides)
+    source = data_source(config, load_registry(config.plugins.dirs), Path(config.run.dir) / "data")
+    print(render_contact_sheet(source, args.split, args.n, args.out))
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("plugins", "list registered components with their distribution", _plugins_arguments, _plugins),
     Command("validate", "check a config and its overrides", _validate_arguments, _validate),
     Command("schema", "print the JSON schema of the run config", _schema_arguments, _schema),
+    Command("contact-sheet", "render data-set samples with masks and regions to a PNG", _contact_sheet_arguments,
+            _contact_sheet),
 )
 
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="causalimg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="causalimg", description="Inspect plugins, validate configs and print the config schema."
+    )
     parser.add_argument("--version", action="version", version=f"causalimg {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in commands:

@@ -16,19 +16,27 @@ from typing import Any, Sequence
 
 from causalimg.cli import add_config_arguments, report_errors
 from causalimg.config.loader import dump_config, load_config
+from causalimg.config.sections import TrainConfig
 from causalimg.errors import ConfigError
+from causalimg.pipeline.stages import run_pipeline
+from causalimg.plugins.manager import load_registry
+from causalimg.training.accelerator import finish, make_accelerator
 
 STAGES: tuple[str, ...] = ("data", "flows", "predictors", "pretrain", "finetune", "evaluate", "report")
 RESOLVED_CONFIG = "config.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m causalimg.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m causalimg.run",
+        description="Validate a config, save the resolved config in run.dir and run the stages.",
+    )
     add_config_arguments(parser, flag=True)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--only", choices=STAGES, metavar="STAGE", help=f"run one stage ({', '.join(STAGES)})")
     which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the ones after it")
     parser.add_argument("--resume", action="store_true", help="continue the run in run.dir with the same config")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     return parser
 
 
@@ -86,6 +94,19 @@ def run(args: argparse.Namespace) -> int:
         steps = plan(config, select_stages(args.only, args.start))
         print(f"run {run_dir} (seed {config.run.seed}{', resuming' if args.resume else ''})")
         print("\n".join(f"  {i}. {step}" for i, step in enumerate(steps, start=1)))
+    if args.dry_run:
+        return 0
+    registry = load_registry(config.plugins.dirs)
+    accelerator = make_accelerator(TrainConfig(), run_dir)
+    ok = False
+    try:
+        results = run_pipeline(config, registry, accelerator, only=args.only, start=args.start)
+        ok = True
+    finally:
+        finish(accelerator, ok=ok)
+    if is_main_process() and "report" in results:
+        print("\n".join(results["report"]["summary"].get("findings", [])))
+        print(f"report: {results['report']['summary'].get('report')}")
     return 0
 
 

@@ -218,7 +218,7 @@ def format_validation_error(
         elif error["type"] == "extra_forbidden":
             line = f"{where}: unknown field"
             message = _unknown_field_message(model, error["loc"])
-        elif error["type"] == "unknown_plugin" and isinstance(error["input"], Mapping):
+        elif error["type"] in ("unknown_plugin", "no_plugins") and isinstance(error["input"], Mapping):
             line = f"{where}.name = {_short(error['input'].get('name'))}"
         else:
             line = f"{where} = {_short(error['input'])}"

@@ -20,6 +20,8 @@ A plugin section selects its component by `name`; `regions: grid` is short for
 
 
 class _Writer:
+    """Walks the schema: a section becomes a table of dotted fields, a plugin union one table per choice."""
+
     def __init__(self, schema: dict[str, Any]):
         self.defs: dict[str, Any] = schema.get("$defs", {})
         self.out: list[str] = []
@@ -67,13 +69,14 @@ class _Writer:
 
     def section(self, title: str, node: dict[str, Any], prefix: str) -> None:
         """A heading, the model's docstring and one table row per field; subsections after it."""
+        defaults = node.get("default")
         node = self.resolve(node)
         self.out += [f"## {title}", ""]
         if node.get("description"):
             self.out += [node["description"], ""]
         later: list[tuple[str, dict[str, Any], str]] = []
         rows = ["| field | type | default |", "|---|---|---|"]
-        self.rows(node, prefix, rows, later)
+        self.rows(node, prefix, rows, later, defaults if isinstance(defaults, dict) else None)
         self.out += rows + [""]
         for sub_title, sub_node, sub_prefix in later:
             self.section(sub_title, sub_node, sub_prefix)

@@ -158,7 +158,10 @@ class DSCM(nn.Module):
         self.scm.check_names(do)
         out: dict[str, torch.Tensor] = {}
         for name, value in do.items():
-            target = torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(-1)
+            try:
+                target = torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise InterventionError(f"do({name}): {value!r} is not a number or a tensor of numbers") from None
             if target.numel() not in (1, batch):
                 raise InterventionError(f"do({name}): expected a scalar or {batch} values, got {target.numel()}")
             if not torch.isfinite(target).all():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
@@ -32,7 +32,7 @@ from causalimg.core.regions import Partitioner, variable_areas
 from causalimg.core.variables import variable_names
 from causalimg.data import phantom_geometry as geo
 from causalimg.data import phantom_render as render
-from causalimg.errors import ConfigError, InterventionError
+from causalimg.errors import CausalImgError, ConfigError, InterventionError
 from causalimg.plugins.specs import DatasetSpec
 
 GENERATOR_VERSION = 1  # bump when the generative model changes: it invalidates caches
@@ -66,7 +66,7 @@ class PhantomConfig(StrictModel):
 def _mask_equal_thirds(partitioner: Partitioner, h: int, w: int, spacing: float) -> bool:
     try:
         masks = partitioner.masks(h, w, spacing)
-    except Exception:  # a partitioner needing per-image metadata cannot describe the phantom's thirds
+    except CausalImgError:  # e.g. a partitioner that needs per-image metadata: not the fixed thirds
         return False
     thirds = torch.zeros(3, h, w)
     for k in range(3):
@@ -82,6 +82,9 @@ class Rendered:
     fg: np.ndarray  # (B, 3, H, W) uint16 quantised lumen, calcified, non-calcified fractions
     parents: np.ndarray  # (B, P) float32 measured parents (age first when present)
     exogenous: np.ndarray  # (B, E) float64 packed exogenous state
+
+
+RENDERED = tuple(f.name for f in fields(Rendered))  # one cached .npy file each
 
 
 class PhantomSource:
@@ -114,6 +117,10 @@ class PhantomSource:
     def from_config(cls, config: PhantomConfig, *, partitioner: Partitioner, root: Path) -> "PhantomSource":
         return cls(config, partitioner, root)
 
+    def __getstate__(self) -> dict:
+        """Data-loader workers reopen the memory maps instead of receiving their contents."""
+        return {**self.__dict__, "_cache": {}}
+
     # -- sizes and the cache -------------------------------------------------------------------
     def size(self, split: Split) -> int:
         return {"train": self.config.n_train, "val": self.config.n_val, "test": self.config.n_test}[split]
@@ -130,7 +137,7 @@ class PhantomSource:
             folder = self.cache_dir / f"{split}-{self.size(split)}"
             if not (folder / "done.json").exists():
                 self._generate_to(folder, split)
-            self._cache[split] = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in Rendered.__annotations__}
+            self._cache[split] = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in RENDERED}
         return self._cache[split]
 
     def _generate_to(self, folder: Path, split: Split) -> None:
@@ -180,7 +187,7 @@ class PhantomSource:
         """Render ``exo`` with variable ``values`` (B, P); ``strict`` raises where an area cannot fit."""
         parts = [self._render_chunk(exo.select(slice(s, s + CHUNK)), values[s : s + CHUNK], strict)
                  for s in range(0, len(exo), CHUNK)]  # fmt: skip
-        return Rendered(*(np.concatenate([getattr(p, f) for p in parts]) for f in Rendered.__annotations__))
+        return Rendered(*(np.concatenate([getattr(p, f) for p in parts]) for f in RENDERED))
 
     def _render_chunk(self, exo: geo.PhantomExogenous, values: np.ndarray, strict: bool) -> Rendered:
         areas = values[:, 1:] if self.with_age else values  # (B, 9): cpa, ncpa, la per third
@@ -266,7 +273,7 @@ class PhantomDataset(Dataset):
             raise IndexError(f"phantom {self.split_name} split has {len(self)} images; got index {index}")
         if self.source.config.cache:
             arrays = self.source._split_arrays(self.split_name)
-            r = Rendered(*(np.array(arrays[f][index : index + 1]) for f in Rendered.__annotations__))
+            r = Rendered(*(np.array(arrays[f][index : index + 1]) for f in RENDERED))
         else:
             r = self.source.render_indices(self.split_name, np.array([index]))
         masks = torch.from_numpy(render.soft_masks(r.fg)[0])  # (C, H, W)

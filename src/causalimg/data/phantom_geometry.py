@@ -23,7 +23,7 @@ NUM_REGIONS = 3
 REGION_MM = FOV_W / NUM_REGIONS  # 32 mm per third
 SIGMA_MAX_MM = 0.5  # largest point-spread sigma
 MARGIN_MM = 2.0  # >= 3 * SIGMA_MAX_MM plus one pixel: every change stays this far inside its region
-RAMP_MM = 4.0  # lumen window ramp length
+RAMP_MM = 6.0  # lumen window ramp length: long, so regional lumen changes look like gentle tapers
 LUMEN_FLOOR = 0.15  # the lumen radius never falls below this fraction of its base profile
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SITES = 2  # plaque site slots per region (non-calcified and calcified each)
@@ -130,9 +130,7 @@ def draw_exogenous(seed: int, split: str, indices: np.ndarray, with_age: bool) -
     indices = np.asarray(indices, dtype=np.int64)
     b = len(indices)
     keys = np.stack([np.full(b, seed), np.full(b, SPLIT_CODES[split]), indices], axis=1).astype(np.int64)
-    u = np.stack([stream(tuple(int(v) for v in k), 0).random(_NUM_UNIFORMS) for k in keys]) if b else (
-        np.zeros((0, _NUM_UNIFORMS))
-    )
+    u = np.array([stream(tuple(int(v) for v in k), 0).random(_NUM_UNIFORMS) for k in keys]).reshape(b, -1)
     take = iter(range(_NUM_UNIFORMS))
 
     def nxt(*shape: int) -> np.ndarray:
@@ -142,9 +140,10 @@ def draw_exogenous(seed: int, split: str, indices: np.ndarray, with_age: bool) -
     def uni(lo: float, hi: float, *shape: int) -> np.ndarray:
         return lo + (hi - lo) * nxt(*shape)
 
-    side_choice = nxt(3, SITES)  # eccentric plaque: upper, lower or both walls
-    ncpa_side = np.stack([(side_choice < 0.7), (side_choice >= 0.4)], axis=-1).astype(np.float64)
-    ncpa_side *= np.where(side_choice[..., None] < 0.55, 1.0, uni(0.4, 1.0, 3, SITES)[..., None])
+    side_choice = nxt(3, SITES)  # eccentric plaque: upper wall only, both walls, lower wall only
+    upper, lower = side_choice < 0.7, side_choice >= 0.4
+    thinner = uni(0.3, 1.0, 3, SITES)  # on both walls, the lower one is thinner by this factor
+    ncpa_side = np.stack([upper, lower * np.where(upper, thinner, 1.0)], axis=-1).astype(np.float64)
     ca_upper = (nxt(3, SITES) < 0.5).astype(np.float64)
     ncpa_on = (nxt(3, SITES) < 0.5).astype(np.float64)
     ncpa_on[:, :, 0] = 1.0
@@ -250,6 +249,10 @@ class Profiles:
     wall: np.ndarray  # (B, 2) wall thickness
     ca_gap: np.ndarray  # (B,)
 
+    def take(self, rows: np.ndarray) -> "Profiles":
+        """The profiles of images ``rows`` only."""
+        return Profiles(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
 
 def _sites(pos: np.ndarray, half: np.ndarray, on: np.ndarray, side: np.ndarray, x: np.ndarray, shape) -> np.ndarray:
     """Sum of site profiles per region and side: (B, 3, 2, Nf); each site lies inside its shrunk region."""
@@ -321,83 +324,67 @@ def _ca_intervals(p: Profiles, ncpa_up, ncpa_lo, amp: np.ndarray):
     return (up_end - t[:, 0], up_end), (lo_start, lo_start + t[:, 1])
 
 
-def _solve(area_fn, base: np.ndarray, unit: np.ndarray, target: np.ndarray, lo: float, hi: float):
-    """Amplitudes (B, 3) with area_fn(amp) == target: closed form, then bisection where it misses.
+def _take(interval: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return interval[0][rows], interval[1][rows]
 
-    ``area_fn`` is monotone non-decreasing per region; it equals base + unit * amp while nothing is
-    clipped, and is searched on [lo, hi]. Returns the amplitudes and a (B, 3) flag of targets that fit (area_fn(hi) reaches them).
+
+def _solve(area, base: np.ndarray, unit: np.ndarray, target: np.ndarray, lo: float, hi: float):
+    """Amplitudes (B, 3) with ``area(amp, rows) == target``: closed form, then bisection where it misses.
+
+    ``area(amp, rows)`` gives the regional areas (len(rows), 3) of images ``rows``; it is monotone
+    in each region's amplitude and equals ``base + unit * amp`` while no interval is clipped.
+    Bisection searches [lo, hi]. Also returns a (B, 3) flag: False where the target cannot be met.
     """
+    everyone = np.arange(len(target))
     amp = (target - base) / np.where(unit > 0, unit, 1.0)
-    miss = np.abs(area_fn(amp) - target) > 0.1 * AREA_RTOL * np.maximum(target, 1e-9)
-    ok = np.ones_like(target, dtype=bool)
-    if miss.any():
-        rows = np.nonzero(miss.any(1))[0]
-        lo_a = np.full((len(rows), NUM_REGIONS), lo)
-        hi_a = np.full((len(rows), NUM_REGIONS), hi)
-        sub = area_fn.restrict(rows)
+    miss = np.abs(area(amp, everyone) - target) > 0.1 * AREA_RTOL * np.maximum(target, 1e-9)
+    ok = np.ones_like(miss)
+    rows = np.nonzero(miss.any(1))[0]
+    if len(rows):
         goal = target[rows]
-        fits = (sub(hi_a) >= goal * (1 - AREA_RTOL)) & (sub(lo_a) <= goal * (1 + AREA_RTOL))
+        lo_a, hi_a = np.full(goal.shape, lo), np.full(goal.shape, hi)
+        fits = (area(hi_a, rows) >= goal * (1 - AREA_RTOL)) & (area(lo_a, rows) <= goal * (1 + AREA_RTOL))
         ok[rows] = fits | ~miss[rows]
         for _ in range(60):
             mid = 0.5 * (lo_a + hi_a)
-            below = sub(mid) < goal
+            below = area(mid, rows) < goal
             lo_a, hi_a = np.where(below, mid, lo_a), np.where(below, hi_a, mid)
         amp[rows] = np.where(miss[rows], hi_a, amp[rows])
     return amp, ok
 
 
-class _AreaFn:
-    """Regional area (B, 3) of one structure as a function of its amplitudes; restrictable to rows."""
-
-    def __init__(self, grid: Grid, fn, rows: np.ndarray | None = None):
-        self.grid, self.fn, self.rows = grid, fn, rows
-
-    def restrict(self, rows: np.ndarray) -> "_AreaFn":
-        return _AreaFn(self.grid, self.fn, rows)
-
-    def __call__(self, amp: np.ndarray) -> np.ndarray:
-        return _per_region(self.fn(amp, self.rows), self.grid)
-
-
 def layout(p: Profiles, grid: Grid, values: np.ndarray) -> Layout:
-    """Solve amplitudes so each structure's area per third equals ``values`` (B, 9: cpa, ncpa, la)."""
+    """Solve amplitudes so each structure's area per third equals ``values`` (B, 9: cpa, ncpa, la).
+
+    Order matters only for positions: non-calcified plaque sits on the solved lumen, calcium on the
+    solved plaque; each area is an interval length, so it depends on its own amplitude alone.
+    """
     cpa, ncpa, la = values[:, 0:3], values[:, 3:6], values[:, 6:9]
 
-    def sel(a: np.ndarray, rows):
-        return a if rows is None else a[rows]
-
-    def prof_rows(rows) -> Profiles:
-        if rows is None:
-            return p
-        return Profiles(p.centre[rows], p.r0[rows], p.lumen_win[rows], p.ncpa[rows], p.ca[rows], p.wall[rows],
-                        p.ca_gap[rows])  # fmt: skip
-
-    def la_len(amp, rows):
-        q = prof_rows(rows)
+    def la_area(amp: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        q = p.take(rows)
         r = _radius(q, amp)
-        return _clip_len(q.centre - r, q.centre + r)
+        return _per_region(_clip_len(q.centre - r, q.centre + r), grid)
 
     base = _per_region(2 * p.r0, grid)
     unit = np.einsum("bn,brn->br", 2 * p.r0, p.lumen_win) * grid.fine_mm
-    amp_la, ok_la = _solve(_AreaFn(grid, la_len), base, unit, la, lo=-1.0 / LUMEN_FLOOR, hi=20.0)
+    amp_la, ok_la = _solve(la_area, base, unit, la, lo=-1.0 / LUMEN_FLOOR, hi=20.0)
     r = _radius(p, amp_la)
 
-    def ncpa_len(amp, rows):
-        q = prof_rows(rows)
-        up, lo = _ncpa_intervals(q, sel(r, rows), amp)
-        return _clip_len(*up) + _clip_len(*lo)
+    def ncpa_area(amp: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        up, lo = _ncpa_intervals(p.take(rows), r[rows], amp)
+        return _per_region(_clip_len(*up) + _clip_len(*lo), grid)
 
     unit_n = np.einsum("brkn->br", p.ncpa) * grid.fine_mm
-    amp_n, ok_n = _solve(_AreaFn(grid, ncpa_len), np.zeros_like(ncpa), unit_n, ncpa, lo=0.0, hi=50.0)
+    amp_n, ok_n = _solve(ncpa_area, np.zeros_like(ncpa), unit_n, ncpa, lo=0.0, hi=50.0)
     ncpa_up, ncpa_lo = _ncpa_intervals(p, r, amp_n)
 
-    def ca_len(amp, rows):
-        q = prof_rows(rows)
-        up, lo = _ca_intervals(q, tuple(sel(v, rows) for v in ncpa_up), tuple(sel(v, rows) for v in ncpa_lo), amp)
-        return _clip_len(*up) + _clip_len(*lo)
+    def ca_area(amp: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        up, lo = _ca_intervals(p.take(rows), _take(ncpa_up, rows), _take(ncpa_lo, rows), amp)
+        return _per_region(_clip_len(*up) + _clip_len(*lo), grid)
 
     unit_c = np.einsum("brkn->br", p.ca) * grid.fine_mm
-    amp_c, ok_c = _solve(_AreaFn(grid, ca_len), np.zeros_like(cpa), unit_c, cpa, lo=0.0, hi=50.0)
+    amp_c, ok_c = _solve(ca_area, np.zeros_like(cpa), unit_c, cpa, lo=0.0, hi=50.0)
     ca_up, ca_lo = _ca_intervals(p, ncpa_up, ncpa_lo, amp_c)
     top = np.minimum(ca_up[0], ncpa_up[0]) - p.wall[:, 0:1]
     bottom = np.maximum(ca_lo[1], ncpa_lo[1]) + p.wall[:, 1:2]

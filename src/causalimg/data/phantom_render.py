@@ -17,7 +17,7 @@ import numpy as np
 from causalimg.data.phantom_geometry import FOV_H, FOV_W, MARGIN_MM, Grid, Layout, PhantomExogenous, stream
 
 QUANT = 2**15  # fraction quantisation steps
-WINDOW_HU = (-300.0, 900.0)  # the fixed display window mapped to [-1, 1]
+WINDOW_HU = (-200.0, 650.0)  # the fixed CT window mapped to [-1, 1] (calcium saturates, as in CCTA reading)
 TEXTURE_MM = 1.0  # node spacing of the background texture
 
 

@@ -67,11 +67,11 @@ class Architecture:
 _PAPER = {
     7: dict(
         widths=(32, 64, 96, 128, 160, 192, 512), enc_blocks=(2, 4, 8, 12, 8, 2, 2),
-        dec_blocks=(2, 6, 12, 12, 10, 4, 2), bottleneck=0.75, z_dim=16, embed_dim=256,
+        dec_blocks=(2, 4, 8, 12, 12, 8, 2), bottleneck=0.405, z_dim=16, embed_dim=256,
     ),
     8: dict(
-        widths=(32, 64, 96, 128, 160, 192, 256, 512), enc_blocks=(2, 3, 4, 8, 12, 8, 4, 2),
-        dec_blocks=(3, 4, 8, 12, 16, 12, 6, 2), bottleneck=0.5, z_dim=16, embed_dim=256,
+        widths=(32, 64, 96, 128, 160, 160, 192, 512), enc_blocks=(2, 4, 8, 12, 8, 4, 3, 2),
+        dec_blocks=(2, 4, 8, 12, 16, 12, 6, 3), bottleneck=0.395, z_dim=16, embed_dim=256,
     ),
 }  # fmt: skip
 _CPU_WIDTHS = (16, 32, 64, 96, 128, 128, 128, 128, 128, 128)

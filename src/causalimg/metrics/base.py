@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
+from einops import repeat
 
 from causalimg.core.regions import variable_areas
 from causalimg.core.transform import VariableTransform
@@ -37,19 +38,28 @@ class CounterfactualModel(Protocol):
 
 
 class DSCMCounterfactuals:
-    """A DSCM at a fixed abduction temperature, with the null intervention as abduct + predict."""
+    """A DSCM at a fixed abduction temperature: abduction, action, prediction.
+
+    The abduction of the last (x, pa) pair is kept, so the nine interventions of a sweep on the
+    same images share one abduction (and, at t > 0, one posterior sample) instead of nine.
+    """
 
     def __init__(self, dscm: Any, temperature: float = 0.0):
         self.dscm = dscm
         self.temperature = temperature
+        self._last: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+
+    def _abduct(self, x: torch.Tensor, pa: torch.Tensor) -> Any:
+        if self._last is None or self._last[0] is not x or self._last[1] is not pa:
+            self._last = (x, pa, self.dscm.abduct(x, pa, self.temperature))
+        return self._last[2]
 
     @torch.no_grad()
     def counterfactual(self, x: torch.Tensor, pa: torch.Tensor, do: Do) -> tuple[torch.Tensor, torch.Tensor]:
-        if do:
-            return self.dscm.counterfactual(x, pa, do, self.temperature)
-        exogenous = self.dscm.abduct(x, pa, self.temperature)
-        pa_norm = self.dscm.transform.normalise(pa)
-        return self.dscm.image.predict(exogenous, self.dscm.image_parents(pa_norm)), pa
+        pa_cf = self.dscm.counterfactual_parents(pa, do) if do else pa
+        exogenous = self._abduct(x, pa)
+        pa_norm = self.dscm.transform.normalise(pa_cf)
+        return self.dscm.image.predict(exogenous, self.dscm.image_parents(pa_norm)), pa_cf
 
 
 class TrueCounterfactual(Protocol):
@@ -86,8 +96,15 @@ class EvalContext:
     _sweep: "Sweep | None" = field(default=None, repr=False)
 
     def measure(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation-segmentor areas of every variable, (B, P) in mm^2."""
-        return variable_areas(self.segment(images), self.regions, self.pixel_area_mm2)
+        """Evaluation-segmentor areas of every variable, (N, P) in mm^2.
+
+        images: (B, 1, H, W), or (B * R, 1, H, W) holding R images per batch image (image-major,
+        as ``Sweep.cf_images.flatten(0, 1)``), which per-image regions are repeated to match.
+        """
+        regions = self.regions
+        if regions.shape[0] not in (1, images.shape[0]):
+            regions = repeat(regions, "b k h w -> (b r) k h w", r=images.shape[0] // regions.shape[0])
+        return variable_areas(self.segment(images), regions, self.pixel_area_mm2)
 
     def sweep(self, model: CounterfactualModel, batch: Mapping[str, Any]) -> "Sweep":
         """do(v := target) for each variable v in turn, computed once per batch and shared."""

@@ -33,19 +33,19 @@ def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
     cells = {
         do: {measured: mean_ci(errors[:, i, j]) for j, measured in enumerate(names)} for i, do in enumerate(names)
     }
-    per_do = errors.mean(0)  # (P_do, P_measured)
+    per_do = errors.nanmean(0)  # (P_do, P_measured); NaN rows: no ground truth for that image
     eye = torch.eye(len(names), dtype=torch.bool)
     same = torch.zeros_like(eye)
     for i in range(len(names)):
         same[i, list(same_structure(i, k))] = True
     return {
         "cells": cells,
-        "intervened": float(per_do[eye].mean()),
-        "off_target": float(per_do[same & ~eye].mean()) if k > 1 else float("nan"),
-        "off_target_all": float(per_do[~eye].mean()),
+        "intervened": float(per_do[eye].nanmean()),
+        "off_target": float(per_do[same & ~eye].nanmean()) if k > 1 else float("nan"),
+        "off_target_all": float(per_do[~eye].nanmean()),
         "intervened_by_variable": {name: float(per_do[i, i]) for i, name in enumerate(names)},
         "off_target_by_variable": {
-            name: float(per_do[i][same[i] & ~eye[i]].mean()) if k > 1 else float("nan") for i, name in enumerate(names)
+            name: float(per_do[i][same[i] & ~eye[i]].nanmean()) if k > 1 else float("nan") for i, name in enumerate(names)
         },
     }
 

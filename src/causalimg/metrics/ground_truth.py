@@ -6,7 +6,9 @@ counterfactual of the same exogenous state. Reported:
                per (intervention, variable), in the layout of Table 1;
   image error  x~ against the true counterfactual image in 0-255 units: MAE and PSNR inside the
                intervened variable's region and outside it.
-A data set without ground truth yields no rows and the summary says so.
+A data set without ground truth yields no rows and the summary says so. A target that cannot
+exist in an image's true geometry (the data set returns NaN for it) is counted as ``unreachable``
+and left out of the means.
 """
 
 from __future__ import annotations
@@ -54,17 +56,19 @@ class GroundTruth:
         b, p = sweep.targets.shape
         k = len(context.info.region_names)
         regions = context.regions.expand(b, -1, -1, -1)  # (B, K, H, W)
-        area_error, mae_in, mae_out, psnr_in, psnr_out = [], [], [], [], []
+        area_error, mae_in, mae_out, psnr_in, psnr_out, unreachable = [], [], [], [], [], []
         for v, name in enumerate(context.info.variables):
             true_image, true_masks, _ = context.true_counterfactual(batch, {name: sweep.targets[:, v]})
             x_cf = sweep.cf_images[:, v]  # (B, 1, H, W)
-            true_areas = variable_areas(true_masks.to(x_cf), context.regions, context.pixel_area_mm2)  # (B, P)
+            true_image, true_masks = true_image.to(x_cf), true_masks.to(x_cf)
+            unreachable.append(~torch.isfinite(true_image).flatten(1).all(1))  # (B,)
+            true_areas = variable_areas(true_masks, context.regions, context.pixel_area_mm2)  # (B, P)
             area_error.append((context.measure(x_cf) - true_areas).abs())
             inside = regions[:, region_of(v, k)].unsqueeze(1).to(x_cf)  # (B, 1, H, W)
-            mae, psnr = masked_errors(x_cf, true_image.to(x_cf), inside)
+            mae, psnr = masked_errors(x_cf, true_image, inside)
             mae_in.append(mae)
             psnr_in.append(psnr)
-            mae, psnr = masked_errors(x_cf, true_image.to(x_cf), 1 - inside)
+            mae, psnr = masked_errors(x_cf, true_image, 1 - inside)
             mae_out.append(mae)
             psnr_out.append(psnr)
         return {
@@ -73,6 +77,7 @@ class GroundTruth:
             "mae_out": torch.stack(mae_out, dim=1),
             "psnr_in": torch.stack(psnr_in, dim=1),  # (B, P_do) dB
             "psnr_out": torch.stack(psnr_out, dim=1),
+            "unreachable": torch.stack(unreachable, dim=1).float(),  # (B, P_do) 1 where no truth exists
         }
 
     def aggregate(self, rows: Rows, info: EvalInfo) -> dict[str, Any]:
@@ -80,6 +85,7 @@ class GroundTruth:
             return {"available": False, "reason": "the data set has no true counterfactuals"}
         summary = error_summary(rows["area_error"], info)
         summary["available"] = True
+        summary["unreachable"] = {name: int(rows["unreachable"][:, i].sum()) for i, name in enumerate(info.variables)}
         summary["image"] = {
             column: {name: mean_ci(rows[column][:, i]) for i, name in enumerate(info.variables)}
             for column in ("mae_in", "mae_out", "psnr_in", "psnr_out")

@@ -2,7 +2,8 @@
 
 For each variable v of the effectiveness sweep: x* = f(x, pa, do(v := target)) with parents pa*,
 then x** = f(x*, pa*, do(v := pa_v)); reported as the mean L1 |x** - x| in 0-255 units, per
-variable and overall; ideal 0.
+variable and overall; ideal 0. A test image whose own value pa_v lies outside the training
+support cannot be intervened back to (do() refuses it): counted as ``outside_support``, left out.
 """
 
 from __future__ import annotations
@@ -33,15 +34,22 @@ class Reversibility:
     def __call__(self, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> Rows:
         x, pa = batch["image"], batch["parents"]
         sweep = context.sweep(model, batch)
+        low, high = context.transform.low.to(pa), context.transform.high.to(pa)
         errors = []
         for v, name in enumerate(context.info.variables):
-            back, _ = model.counterfactual(sweep.cf_images[:, v], sweep.cf_parents[:, v], {name: pa[:, v]})
-            errors.append(l1_255(back, x))
-        return {"l1": torch.stack(errors, dim=1)}  # (B, P) 0-255
+            inside = (pa[:, v] >= low[v]) & (pa[:, v] <= high[v])  # (B,) the way back is a valid intervention
+            back_to = pa[:, v].clamp(low[v], high[v])
+            back, _ = model.counterfactual(sweep.cf_images[:, v], sweep.cf_parents[:, v], {name: back_to})
+            errors.append(torch.where(inside, l1_255(back, x), torch.nan))
+        return {"l1": torch.stack(errors, dim=1)}  # (B, P) 0-255; NaN where pa_v lies outside the support
 
     def aggregate(self, rows: Rows, info: EvalInfo) -> dict[str, Any]:
         l1 = rows["l1"]
-        return {"l1": mean_ci(l1.mean(1)), "by_variable": {n: mean_ci(l1[:, i]) for i, n in enumerate(info.variables)}}
+        return {
+            "l1": mean_ci(l1.nanmean(1)),
+            "by_variable": {n: mean_ci(l1[:, i]) for i, n in enumerate(info.variables)},
+            "outside_support": {n: int(l1[:, i].isnan().sum()) for i, n in enumerate(info.variables)},
+        }
 
 
 @causalimg.hookimpl

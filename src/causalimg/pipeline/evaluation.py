@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
 from causalimg.config.sections import TrainConfig
 from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name
+from causalimg.errors import InterventionError
 from causalimg.metrics.base import DSCMCounterfactuals, EvalContext, EvalInfo, TrueCounterfactual, evaluate
 from causalimg.pipeline.stage import StageContext, atomic_path, atomic_write_json
 from causalimg.training.accelerator import make_accelerator
@@ -26,12 +28,38 @@ FIGURE_CHANGE_MM2 = 20.0  # Figure 1: do(CPA-region := CPA-region + 20 mm^2), cl
 FIGURE_STRUCTURE = next(s for s in STRUCTURES if s.label == CALCIFIED)
 
 
-def true_counterfactual(source: Any) -> TrueCounterfactual | None:
-    """The data set's ground-truth counterfactual as a metric callable, or None if it has none."""
-    render = getattr(source, "true_counterfactual", None)
+def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
+    """The data set's ground truth as a metric callable, or None where it has none.
+
+    A data set knows its true counterfactuals when it has ``true_counterfactual_batch(split,
+    indices, interventions)`` (the phantom). A target that does not fit an image's true geometry
+    (the data set raises ``InterventionError``) has no true counterfactual: that image's outputs
+    are NaN, which the ground-truth metric counts as unreachable and leaves out of its means.
+    """
+    render = getattr(source, "true_counterfactual_batch", None)
     if render is None:
         return None
-    return lambda batch, do: render(batch, do)
+
+    def truth(batch: Mapping[str, Any], do: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = batch["index"].tolist()
+        wanted = [{name: float(values[i]) for name, values in do.items()} for i in range(len(indices))]
+        try:
+            out = render(split, indices, wanted)
+            return out["image"], out["masks"], out["parents"]
+        except InterventionError:
+            pass
+        image = torch.full(batch["image"].shape, torch.nan)  # (B, 1, H, W)
+        masks = torch.full(batch["masks"].shape, torch.nan)  # (B, C, H, W)
+        parents = torch.full(batch["parents"].shape, torch.nan)  # (B, P)
+        for i, (index, intervention) in enumerate(zip(indices, wanted)):
+            try:
+                out = render(split, [index], [intervention])
+            except InterventionError:
+                continue
+            image[i], masks[i], parents[i] = out["image"][0], out["masks"][0], out["parents"][0]
+        return image, masks, parents
+
+    return truth
 
 
 def figure_images(dscm: Any, batch: Mapping[str, torch.Tensor], region_names: tuple[str, ...], temperature: float) -> dict[str, torch.Tensor]:
@@ -84,7 +112,7 @@ def evaluate_strategy(
     loader = accelerator.prepare_data_loader(loader)
     info = EvalInfo(tuple(dscm.transform.names), tuple(source.region_names))
     metrics = {m.name: registry.get("metric", m.name).factory(m) for m in config.evaluate.metrics}
-    truth = true_counterfactual(source)
+    truth = true_counterfactual(source, "test")
     pixel_area = float(source.spacing_mm) ** 2
 
     @torch.no_grad()
@@ -96,6 +124,8 @@ def evaluate_strategy(
         return evaluation_segmentor.features(images)  # (B, D)
 
     def make_context(batch: Mapping[str, Any]) -> EvalContext:
+        # posterior samples (t > 0) are seeded per batch: a rerun gives the same numbers
+        torch.manual_seed(int(np.random.SeedSequence([seed, int(batch["index"][0])]).generate_state(1)[0]))
         return EvalContext(info, dscm.transform, batch["regions"], pixel_area, segment, features, truth, seed=seed)
 
     model = DSCMCounterfactuals(dscm, config.finetune.temperature)

@@ -17,9 +17,10 @@ segmentor is read by the evaluate stage alone.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from causalimg.config.loader import dump_config
@@ -38,6 +39,8 @@ from causalimg.training.finetune import CounterfactualFineTuning, build_strategi
 from causalimg.training.loop import fit
 
 SEGMENTORS = ("guidance-segmentor", "evaluation-segmentor")
+SPLITS = ("train", "val", "test")
+DSCM_WEIGHTS = "dscm.safetensors"  # a fine-tuning stage's result: the whole DSCM (flows + image mechanism)
 
 # Seed offsets: every trained network gets its own stream derived from run.seed.
 SEED = {"flows": 1, "guidance-segmentor": 2, "evaluation-segmentor": 3, "regressor": 4, "pretrain": 5, "finetune": 6}
@@ -98,8 +101,14 @@ class Pipeline:
 
     # -- stage bodies -------------------------------------------------------------------------
     def data(self, ctx: StageContext) -> dict:
-        source = self.main_first(self.source)
-        sizes = {split: len(source.split(split)) for split in ("train", "val", "test")}
+        def generate():
+            source = self.source()
+            for split in SPLITS:
+                source.split(split)[0]  # a data set that generates on first use caches the split now
+            return source
+
+        source = self.main_first(generate)
+        sizes = {split: len(source.split(split)) for split in SPLITS}
         if self.accelerator.is_main_process:
             transform = VariableTransform.fit(tuple(source.variables), build.split_parents(source.split("train")))
             with atomic_path(ctx.dir / build.TRANSFORM_FILE) as tmp:
@@ -170,30 +179,41 @@ class Pipeline:
         dscm = build.dscm(self.config, self.registry, source, transform)
         build.load_module(dscm.attributes, ctx.inputs["flows"] / build.WEIGHTS_FILE)
         build.load_module(dscm.image, ctx.inputs["pretrain"] / build.WEIGHTS_FILE)
+        if not terms:  # No-CFT, the paper's baseline: the pretrained DSCM as it is
+            self.save_dscm(dscm, ctx)
+            return {"finetuned": False, "terms": []}
         predictors = GuidancePredictors(  # the evaluation segmentor is deliberately not loaded here
             segmentor=build.frozen_segmentor(self.config, ctx.inputs["predictors/guidance-segmentor"]),
             regressor=build.frozen_regressor(self.config, ctx.inputs["predictors/regressor"], len(transform.names)),
         )
         strategies = build_strategies(terms, self.registry, predictors)
-        section = self.config.finetune
-        train_split = source.split("train")
-        eps = measure_nelbo(dscm, DataLoader(train_split, batch_size=section.train.batch_size), max_batches=8)
-        cft = CounterfactualFineTuning.from_config(
-            section, strategies, transform=transform, region_names=tuple(source.region_names),
-            pixel_area_mm2=float(source.spacing_mm) ** 2, eps=eps,
+        fc, train_split = self.config.finetune, source.split("train")
+        eps = measure_nelbo(dscm, DataLoader(train_split, batch_size=fc.train.batch_size), max_batches=8)
+        cft = CounterfactualFineTuning(
+            dscm, strategies, region_names=tuple(source.region_names), pixel_area_mm2=float(source.spacing_mm) ** 2,
+            eps=eps, constraint=fc.constraint.kind, lagrange_lr=fc.constraint.lagrange_lr, damping=fc.constraint.damping,
+            nelbo_weight=fc.constraint.weight, temperature=fc.temperature,
+            interventions_per_step=fc.interventions_per_step, trainable=fc.trainable,
         )  # fmt: skip
-        accelerator = make_accelerator(section.train, ctx.dir, tracking=self.config.tracking)
+        accelerator = make_accelerator(fc.train, ctx.dir, tracking=self.config.tracking)
         result = finetune_dscm(
-            dscm, cft, train_split, section.train, ctx.dir, accelerator, seed=self.seed + SEED["finetune"],
-            trainable=section.trainable, resume=True, desc=ctx.name,
-        )  # fmt: skip
-        return {**result.summary, "terms": [t.name for t in terms], "eps_nelbo": eps}
+            cft, train_split, fc.train, ctx.dir, accelerator, seed=self.seed + SEED["finetune"], resume=True, desc=ctx.name
+        )
+        self.save_dscm(dscm, ctx)  # fit leaves the EMA weights in the model
+        return {**result.summary, "finetuned": True, "terms": [t.name for t in terms], "eps_nelbo": eps}
+
+    def save_dscm(self, dscm, ctx: StageContext) -> None:
+        """The whole DSCM (flows + image mechanism): what the evaluate stage loads."""
+        if self.accelerator.is_main_process:
+            with atomic_path(ctx.dir / DSCM_WEIGHTS) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in dscm.state_dict().items()}, str(tmp))
+        self.accelerator.wait_for_everyone()
 
     def evaluate(self, ctx: StageContext) -> dict:
         label = ctx.name.split("/", 1)[1]
         source, transform = self.source(), self.transform()
         dscm = build.dscm(self.config, self.registry, source, transform)
-        build.load_module(dscm, ctx.inputs[f"finetune/{label}"] / build.WEIGHTS_FILE)
+        build.load_module(dscm, ctx.inputs[f"finetune/{label}"] / DSCM_WEIGHTS)
         evaluation_segmentor = build.frozen_segmentor(self.config, ctx.inputs["predictors/evaluation-segmentor"])
         return evaluate_strategy(
             dscm, evaluation_segmentor, source, self.config, self.registry, ctx, seed=self.seed
@@ -251,13 +271,3 @@ def run_pipeline(
     log = print if accelerator.is_main_process else (lambda _: None)
     results = run_stages(pipeline.stages(), pipeline.run_dir, accelerator, only=only, start=start, log=log)
     return {name: result.as_dict() for name, result in results.items()}
-
-
-def stage_names(config: Any) -> list[str]:
-    """The stage names a config runs, in order (what ``--only``/``--from`` accept, plus groups)."""
-    return [s.name for s in Pipeline(config, None, None).stages()]  # type: ignore[arg-type]
-
-
-def headline(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The report stage's summary, if it ran or was skipped: what a caller prints at the end."""
-    return dict(results.get("report", {}).get("summary", {}))

@@ -47,6 +47,11 @@ ENV_TRACE = "CAUSALIMG_TRACE_HOOKS"
 
 # Built-in plugins: one module each, loaded in this order. Add a module with a one-line edit.
 BUILTIN_PLUGINS: tuple[str, ...] = (
+    "causalimg.regions.axial",
+    "causalimg.regions.landmarks",
+    "causalimg.regions.grid",
+    "causalimg.data.phantom",
+    "causalimg.data.folder",
     "causalimg.metrics.effectiveness",
     "causalimg.metrics.ground_truth",
     "causalimg.metrics.composition",

@@ -70,11 +70,11 @@ class UNet(nn.Module):
         self.factor = 2 ** (len(widths) - 1)
         self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
-        self.pool = nn.ModuleList()
+        self.downsample = nn.ModuleList()
         for i, w in enumerate(widths):
             self.down.append(_stack(widths[max(i - 1, 0)], w, config.blocks, config.dropout))
             if i < len(widths) - 1:
-                self.pool.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
+                self.downsample.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
         self.up = nn.ModuleList()
         for i in reversed(range(len(widths) - 1)):
             # upsampled deeper features concatenated with the skip of level i
@@ -99,8 +99,8 @@ class UNet(nn.Module):
         for i, block in enumerate(self.down):
             h = block(h)
             skips.append(h)  # level i: (B, widths[i], H / 2^i, W / 2^i)
-            if i < len(self.pool):
-                h = self.pool[i](h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
         return skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,10 @@ class AxialThirdsConfig(StrictModel):
 
 
 class AxialConfig(StrictModel):
-    """Axial segments given by length fractions OR by boundaries in mm from the proximal end."""
+    """Axial segments given by length fractions OR by boundaries in mm from the proximal end.
+
+    With neither, the segments have equal lengths.
+    """
 
     name: Literal["axial"] = "axial"
     names: tuple[str, ...] = THIRDS
@@ -47,8 +50,8 @@ class AxialConfig(StrictModel):
     def _check(self) -> "AxialConfig":
         if len(set(self.names)) != len(self.names) or not self.names:
             raise ValueError(f"names must be unique and non-empty, got {self.names}")
-        if (self.fractions is None) == (self.boundaries_mm is None):
-            raise ValueError("give exactly one of 'fractions' or 'boundaries_mm'")
+        if self.fractions is not None and self.boundaries_mm is not None:
+            raise ValueError("give 'fractions' or 'boundaries_mm', not both (neither: equal lengths)")
         if self.fractions is not None:
             if len(self.fractions) != len(self.names):
                 raise ValueError(f"fractions has {len(self.fractions)} entries for {len(self.names)} names")

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -63,7 +64,8 @@ def atomic_save_tensors(path: Path, state: Mapping[str, Tensor | int | float | b
     numbers: dict[str, Any] = {}
     for key, value in state.items():
         if isinstance(value, Tensor):
-            tensors[key] = value.detach().contiguous().cpu()
+            # a copy: tied weights share memory, which safetensors refuses to write
+            tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         elif isinstance(value, (bool, int, float)):
             numbers[key] = value
         else:
@@ -98,12 +100,11 @@ def load_tensors(path: Path) -> dict[str, Tensor | int | float | bool]:
     path = _check_safetensors_path(path)
     try:
         tensors: dict[str, Any] = load_file(path)
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_len))
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors.update(json.loads(metadata.get("numbers", "{}")))
     except (SafetensorError, OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable safetensors file ({err})") from err
-    tensors.update(json.loads(header.get("__metadata__", {}).get("numbers", "{}")))
     return tensors
 
 
@@ -175,16 +176,12 @@ def staging_dir(out_dir: Path, step: int) -> tuple[Path, Path]:
 
 def publish(tmp: Path, final: Path, keep: int) -> None:
     """Rename a finished checkpoint into place, then drop the oldest beyond ``keep``."""
-    if final.exists():  # same step saved again (resumed at the very end): replace the old copy last
-        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    os.replace(tmp, final)  # atomic: the folder appears complete or not at all
     _fsync_dir(final.parent)
     for stale in list_checkpoints(final.parent.parent)[:-keep]:
-        shutil.rmtree(stale)
+        doomed = stale.with_name(f"{_TMP_PREFIX}{stale.name}")
+        os.replace(stale, doomed)  # a kill mid-delete leaves a temporary folder, never a torn checkpoint
+        shutil.rmtree(doomed)
 
 
 def write_state(tmp: Path, state: Mapping[str, Any]) -> None:

@@ -11,13 +11,15 @@ class EMA:
 
     The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so a short run's
     average is not dominated by the random initialisation; long runs use ``decay`` itself.
-    Integer buffers (counters) are copied, not averaged.
+    Integer buffers (counters) are copied, not averaged; parameters frozen when the EMA is made
+    (``requires_grad=False``, e.g. a frozen encoder during fine-tuning) are kept as they were.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.updates = 0
         self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -27,6 +29,8 @@ class EMA:
         self.updates += 1
         weight = 1.0 - self.current_decay()
         for key, value in model.state_dict().items():
+            if key in self._frozen:
+                continue
             shadow = self.shadow[key]
             if shadow.is_floating_point():
                 shadow.lerp_(value.detach().to(shadow.dtype), weight)

@@ -8,7 +8,8 @@ One step on a factual batch (x, pa, regions):
   4. guidance G = sum of the strategy's weighted terms on (x~, pa~, x, pa, regions);
   5. keep the factual nelbo N from degrading, with slack s = eps - N:
        lagrangian:  loss = G - (lambda - damping * sg(s)) * s
-                    lambda <- max(0, lambda - lagrange_lr * s)   (gradient ascent: dloss/dlambda = -s)
+                    lambda <- max(0, lambda - lagrange_lr * s)   (gradient ascent: dloss/dlambda = -s,
+                    applied before the next batch)
        fixed:       loss = G + weight * N
      eps is the pretrained model's train-set nelbo (``measure_nelbo``, eval mode).
 
@@ -99,28 +100,42 @@ def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
 
 
 class LagrangeMultiplier(nn.Module):
-    """lambda >= 0 of the damped Lagrangian (Platt & Barr's MDMM), a buffer so checkpoints keep it."""
+    """lambda >= 0 of the damped Lagrangian (Platt & Barr's MDMM); buffers, so checkpoints keep it.
+
+    The ascent step for a batch's slack is applied at the start of the next training forward
+    (``ascend``), so the loss of every step uses the same lambda sequence as updating right away,
+    while the one collective that averages the slack over processes runs where all ranks are known
+    to be in step (a rank that failed in the previous step has already stopped every rank).
+    """
 
     value: torch.Tensor
+    pending: torch.Tensor
 
     def __init__(self, lr: float, damping: float):
         super().__init__()
         self.lr, self.damping = lr, damping
         self.register_buffer("value", torch.zeros(()))
+        self.register_buffer("pending", torch.full((), float("nan")))  # slack not yet applied; NaN: none
 
     def penalty(self, slack: torch.Tensor) -> torch.Tensor:
         """-(lambda - damping * sg(s)) * s for the slack s = eps - nelbo (a scalar)."""
         return -(self.value.to(slack) - self.damping * slack.detach()) * slack
 
     @torch.no_grad()
-    def ascend(self, slack: torch.Tensor) -> None:
-        """lambda <- max(0, lambda - lr * s); s is averaged over processes so all ranks agree.
+    def record(self, slack: torch.Tensor) -> None:
+        self.pending.copy_(slack.detach())
 
-        A non-finite slack (a step the loop will skip) leaves lambda as it is.
+    @torch.no_grad()
+    def ascend(self) -> None:
+        """lambda <- max(0, lambda - lr * s) with the recorded slack s averaged over processes.
+
+        d loss / d lambda = -s, so this is gradient ascent: lambda grows while nelbo > eps. A
+        non-finite slack (a skipped step, or nothing recorded) leaves lambda as it is.
         """
-        slack = _mean_over_processes(slack.detach().float())
+        slack = _mean_over_processes(self.pending.float())
         if torch.isfinite(slack):
             self.value.sub_(self.lr * slack.to(self.value)).clamp_(min=0.0)
+        self.pending.fill_(float("nan"))
 
 
 class CounterfactualFineTuning(nn.Module):
@@ -204,6 +219,9 @@ class CounterfactualFineTuning(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, pa = batch["image"], batch["parents"]  # (B, 1, H, W), (B, P) mm^2
         dscm = self.dscm
+        updating = self.constraint == "lagrangian" and self.training and torch.is_grad_enabled()
+        if updating:
+            self.multiplier.ascend()  # the previous batch's step, before anything here can fail
         nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["nelbo"].mean()
         slack = self.eps - nelbo  # > 0 while the factual fit is at least as good as pretrained
 
@@ -223,8 +241,8 @@ class CounterfactualFineTuning(nn.Module):
             loss = guidance + self.nelbo_weight * nelbo
         else:
             loss = guidance + self.multiplier.penalty(slack)
-            if torch.is_grad_enabled() and self.training:
-                self.multiplier.ascend(slack)
+            if updating:
+                self.multiplier.record(slack)
         return {
             "loss": loss,
             "guidance": guidance.detach(),

@@ -48,10 +48,22 @@ Objective = Callable[[nn.Module, Any, int], Mapping[str, Tensor]]
 WEIGHTS_FILE = "weights.safetensors"
 SUMMARY_FILE = "summary.json"
 MIN_STEPS_FOR_SKIP_STOP = 20  # the skip fraction is judged only once this many steps have run
+FP16_OVERFLOW = "fp16 overflow"  # the gradient scaler's normal search for its scale: not a failure
 # Fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "tune_malloc"})
 
 logger = logging.getLogger("causalimg.training")
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One step: why it was skipped (None: taken), loss averaged over ranks, gradient norm, and the
+    objective's other scalar outputs (this process's, averaged over micro-batches)."""
+
+    skipped: str | None
+    loss: float
+    grad_norm: float
+    metrics: dict[str, float]
 
 
 class Stateful(Protocol):
@@ -180,7 +192,8 @@ class _Trainer:
         desc: str,
     ) -> None:
         self.model, self.objective, self.config, self.out_dir = model, objective, config, out_dir
-        self.acc, self.seed, self.extra_state, self.trainable, self.desc = accelerator, seed, extra_state, trainable, desc
+        self.acc, self.seed, self.desc = accelerator, seed, desc
+        self.extra_state, self.trainable = extra_state, trainable
         self.optimizer = accelerator.prepare_optimizer(
             torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         )
@@ -189,8 +202,7 @@ class _Trainer:
         self.skips: dict[str, int] = {}
         self.wall_s = 0.0  # training time of earlier sessions of this run (resumed runs)
         self.resumed_from: int | None = None
-        self.recent_losses: list[float] = []
-        self.last_loss = math.nan
+        self.recent: list[dict[str, float]] = []  # loss and metrics of the last log_every taken steps
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, session_s: float) -> None:
@@ -212,19 +224,21 @@ class _Trainer:
                     ckpt.atomic_save_tensors(tmp / f"extra_{i}.safetensors", obj.state_dict())
                 ckpt.write_state(tmp, self._state(session_s))
                 ckpt.publish(tmp, final, self.config.keep_checkpoints)
-            except OSError as err:
+            except Exception as err:  # noqa: BLE001 - reported to every rank below
                 kept = ckpt.list_checkpoints(self.out_dir)
                 error = TrainingError(
-                    f"{self.desc}: could not write checkpoint {final} ({err.strerror or err}); "
+                    f"{self.desc}: could not write checkpoint {final} "
+                    f"({err.strerror if isinstance(err, OSError) and err.strerror else err}); "
                     f"the last good checkpoint {kept[-1] if kept else '(none)'} is untouched"
                 )
+                error.__cause__ = err
         _agree(self.acc, error, f"{self.desc}: writing checkpoint {final}")
 
     def _state(self, session_s: float) -> dict[str, Any]:
         return {
             "step": self.step, "skips": self.skips, "wall_s": self.wall_s + session_s, "seed": self.seed,
             "world_size": self.acc.num_processes, "train_config": self.config.model_dump(mode="json"),
-            "last_loss": self.last_loss, "recent_losses": self.recent_losses, "desc": self.desc,
+            "recent": self.recent, "desc": self.desc,
         }
 
     def load_checkpoint(self, path: Path) -> None:
@@ -241,27 +255,27 @@ class _Trainer:
         for i, obj in enumerate(self.extra_state):
             obj.load_state_dict(ckpt.load_tensors(path / f"extra_{i}.safetensors"))
         self.step, self.skips, self.wall_s = int(state["step"]), dict(state["skips"]), float(state["wall_s"])
-        self.last_loss, self.resumed_from = float(state["last_loss"]), self.step
-        self.recent_losses = [float(x) for x in state["recent_losses"]]
+        self.recent, self.resumed_from = list(state["recent"]), self.step
         if state["world_size"] != self.acc.num_processes:
             logger.warning("%s: resuming a %d-process run on %d processes: the data order differs",
                            self.desc, state["world_size"], self.acc.num_processes)
 
     # -- one optimiser step --------------------------------------------------------------------
-    def train_step(self, batches: Iterator[Any]) -> tuple[str | None, float, float]:
-        """Returns (skip reason or None, loss averaged over ranks and micro-batches, grad norm)."""
+    def train_step(self, batches: Iterator[Any]) -> _Outcome:
         cfg, acc = self.config, self.acc
         _seed_everything(_derive_seed(self.seed, acc.process_index, self.step))
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         error: BaseException | None = None
-        loss_sum, finite = 0.0, True
-        for micro in range(cfg.grad_accumulation):
-            batch = next(batches)
-            if error is not None or not finite:
-                continue  # keep the data stream aligned with the step count
+        loss_sum, finite, metrics = 0.0, True, {}
+        for _ in range(cfg.grad_accumulation):
+            if error is not None:
+                break
             try:
+                batch = next(batches)
+                if not finite:
+                    continue  # read but unused: keeps the data stream aligned with the step count
                 with acc.autocast():
                     out = self.objective(self.model, batch, self.step)
                 loss = out["loss"] if isinstance(out, Mapping) and "loss" in out else None
@@ -272,20 +286,24 @@ class _Trainer:
                     finite = False
                     continue
                 loss_sum += value
+                for key, metric in out.items():
+                    if key != "loss" and isinstance(metric, Tensor) and metric.numel() == 1:
+                        metrics[key] = metrics.get(key, 0.0) + metric.detach().float().item() / cfg.grad_accumulation
                 acc.backward(loss / cfg.grad_accumulation)
             except Exception as err:  # noqa: BLE001 - every rank learns of it in _sync_gradients
                 error = err
         finite, loss = self._sync_gradients(error, finite, loss_sum / cfg.grad_accumulation)
         if not finite:
-            return self._skip("non-finite loss"), loss, math.nan
+            return _Outcome(self._skip("non-finite loss"), loss, math.nan, metrics)
         norm = float(acc.clip_grad_norm_(self.trainable, cfg.grad_clip))
         if not math.isfinite(norm):
-            return self._skip("non-finite gradient"), loss, norm
+            reason = FP16_OVERFLOW if acc.scaler is not None else "non-finite gradient"
+            return _Outcome(self._skip(reason), loss, norm, metrics)
         if cfg.skip_grad_norm is not None and self.step >= cfg.skip_check_after and norm > cfg.skip_grad_norm:
-            return self._skip("gradient norm above skip_grad_norm"), loss, norm
+            return _Outcome(self._skip("gradient norm above skip_grad_norm"), loss, norm, metrics)
         self.optimizer.step()
         self.ema.update(self.model)
-        return None, loss, norm
+        return _Outcome(None, loss, norm, metrics)
 
     def _sync_gradients(self, error: BaseException | None, finite: bool, loss: float) -> tuple[bool, float]:
         """One all-reduce of averaged gradients and [failed ranks, non-finite ranks, loss sum].
@@ -326,7 +344,8 @@ class _Trainer:
         return reason
 
     def check_skip_fraction(self) -> None:
-        skipped, ran = sum(self.skips.values()), self.step
+        skipped = sum(n for reason, n in self.skips.items() if reason != FP16_OVERFLOW)
+        ran = self.step
         if ran >= MIN_STEPS_FOR_SKIP_STOP and skipped > self.config.max_skip_fraction * ran:
             kept = ckpt.list_checkpoints(self.out_dir)
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skips.items()))
@@ -432,24 +451,23 @@ def _run(
                dynamic_ncols=True, mininterval=1.0)
     try:
         while trainer.step < config.steps:
-            skipped, loss, norm = trainer.train_step(batches)
+            outcome = trainer.train_step(batches)
             trainer.step += 1
-            if skipped is None:
-                trainer.last_loss = loss
-                trainer.recent_losses = (trainer.recent_losses + [loss])[-config.log_every:]
+            if outcome.skipped is None:
+                trainer.recent = (trainer.recent + [{"loss": outcome.loss, **outcome.metrics}])[-config.log_every:]
             elif accelerator.is_main_process:
                 logger.warning("%s step %d skipped: %s (loss %.4g, gradient norm %.4g)",
-                               desc, trainer.step, skipped, loss, norm)
+                               desc, trainer.step, outcome.skipped, outcome.loss, outcome.grad_norm)
             trainer.check_skip_fraction()
             elapsed = time.perf_counter() - started
             rate = (trainer.step - start_step) * images_per_step / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{rate:.1f}", skipped=sum(trainer.skips.values()),
-                            refresh=False)
+            skipped = sum(trainer.skips.values())
+            bar.set_postfix(loss=f"{outcome.loss:.4g}", img_s=f"{rate:.1f}", skipped=skipped, refresh=False)
             bar.update(1)
             if accelerator.trackers and trainer.step % config.log_every == 0:
-                accelerator.log({"loss": loss, "grad_norm": norm, "lr": warmup_lr(trainer.step - 1, config),
-                                 "images_per_s": rate, "skipped": sum(trainer.skips.values())},
-                                step=trainer.step)
+                accelerator.log({"loss": outcome.loss, **outcome.metrics, "grad_norm": outcome.grad_norm,
+                                 "lr": warmup_lr(trainer.step - 1, config), "images_per_s": rate,
+                                 "skipped": skipped}, step=trainer.step)
             if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
                 trainer.save_checkpoint(time.perf_counter() - started)
     finally:
@@ -459,10 +477,12 @@ def _run(
     session_s = time.perf_counter() - started
     trainer.ema.copy_to(model)
     weights = out_dir / WEIGHTS_FILE
-    recent = trainer.recent_losses or [trainer.last_loss]
+    final = {k: float(np.mean([r[k] for r in trainer.recent if k in r]))
+             for k in dict.fromkeys(k for r in trainer.recent for k in r)}  # mean over the last log_every steps
     summary = {
         "desc": desc, "steps": trainer.step, "skipped_steps": sum(trainer.skips.values()),
-        "skip_reasons": trainer.skips, "final_loss": float(np.mean(recent)),
+        "skip_reasons": trainer.skips, "final_loss": final.get("loss"),
+        "final_metrics": {k: v for k, v in final.items() if k != "loss"},
         "wall_time_s": trainer.wall_s + session_s, "session_time_s": session_s,
         "images_per_s": (trainer.step - start_step) * images_per_step / max(session_s, 1e-9),
         "resumed_from_step": trainer.resumed_from, "world_size": accelerator.num_processes,

@@ -1,0 +1,156 @@
+"""Counterfactual fine-tuning throughput (steps/s) per guidance strategy on this machine's CPU.
+
+One CFT step = factual nelbo + abduction + counterfactual decode + the strategy's frozen
+predictors on x~ + backward + AdamW, exactly ``CounterfactualFineTuning`` as the pipeline runs it,
+with the run config's default predictor sizes (U-Net segmentor, timm ResNet regressor) and the
+HVAE preset named. ``none`` times the same step without guidance terms: what the guidance adds
+is the difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is).
+
+Usage:
+  python benchmarks/finetune_speed.py                     # -> benchmarks/results/finetune_speed.{json,md}
+  python benchmarks/finetune_speed.py --height 64 --width 384 --steps 3 --mode bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from causalimg.config.run import PredictorsSection
+from causalimg.core.regions import variable_areas
+from causalimg.core.scm import DSCM, SCM
+from causalimg.core.transform import VariableTransform
+from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, NUM_CLASSES, variable_names
+from causalimg.guidance.positional import PositionalSegmentorGuidanceConfig
+from causalimg.guidance.regressor import RegressorGuidanceConfig
+from causalimg.guidance.segmentor import SegmentorGuidanceConfig
+from causalimg.core.guidance import GuidancePredictors
+from causalimg.mechanisms.flows import SplineFlow
+from causalimg.mechanisms.hvae import HVAE, HVAEConfig
+from causalimg.plugins.manager import load_registry
+from causalimg.predictors.regressor import RegressorConfig, build_regressor
+from causalimg.predictors.unet import SegmentorConfig, UNet
+from causalimg.training.accelerator import tune_malloc
+from causalimg.training.finetune import CounterfactualFineTuning, build_strategies
+
+RESULTS = Path(__file__).parent / "results"
+REGIONS = ("proximal", "mid", "distal")
+STRATEGIES = {
+    "none": [],
+    "regressor": [RegressorGuidanceConfig()],
+    "segmentor": [SegmentorGuidanceConfig()],
+    "positional-segmentor": [PositionalSegmentorGuidanceConfig()],
+}
+
+
+def scenes(n: int, h: int, w: int, spacing: float) -> dict[str, torch.Tensor]:
+    """Intensity-coded vessel scenes with plaque at random places; parents are their true areas."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(n, h, w, dtype=torch.long)
+    labels[:, h // 2 - h // 8 : h // 2 + h // 8] = LUMEN
+    for i in range(n):
+        a, b = (int(v) for v in torch.randint(0, w - w // 8, (2,), generator=g))
+        labels[i, h // 2 - h // 4 : h // 2 - h // 8, a : a + w // 8] = CALCIFIED
+        labels[i, h // 2 + h // 8 : h // 2 + h // 4, b : b + w // 8] = NONCALCIFIED
+    regions = torch.zeros(1, 3, h, w)
+    for k in range(3):
+        regions[0, k, :, k * w // 3 : (k + 1) * w // 3] = 1
+    onehot = F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    image = torch.tensor([-0.8, 0.8, 0.9, 0.1])[labels][:, None] + 0.05 * torch.randn(n, 1, h, w, generator=g)
+    parents = variable_areas(onehot, regions, spacing**2)
+    return {"image": image.clamp(-1, 1), "parents": parents, "regions": regions.expand(n, -1, -1, -1)}
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    h, w, spacing = args.height, args.width, 16.0 / args.height
+    data = scenes(args.batch_size, h, w, spacing)
+    names = variable_names(REGIONS)
+    transform = VariableTransform.fit(names, data["parents"])
+    predictors_cfg = PredictorsSection()
+    rows = []
+    for label, terms in STRATEGIES.items():
+        torch.manual_seed(0)
+        hvae = HVAE.from_config(HVAEConfig(preset=args.preset), image_shape=(h, w), num_parents=len(names))
+        dscm = DSCM(SCM({v: [] for v in names}), {v: SplineFlow(0) for v in names}, hvae, transform)
+        predictors = GuidancePredictors(
+            segmentor=UNet(SegmentorConfig(widths=predictors_cfg.segmentor.widths)),
+            regressor=build_regressor(RegressorConfig(arch=predictors_cfg.regressor.model), len(names)),
+        )
+        strategies = build_strategies(terms, load_registry(), predictors)
+        cft = CounterfactualFineTuning(dscm, strategies, region_names=REGIONS, pixel_area_mm2=spacing**2, eps=1.0)
+        cft.train()
+        if args.mode == "bf16":
+            cft.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(cft.trainable, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.01)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mode == "bf16"):
+                loss = cft(data)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(cft.trainable, 350.0)
+            opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - started) / args.steps
+        rows.append({
+            "strategy": label, "steps_per_s": 1.0 / seconds, "images_per_s": args.batch_size / seconds,
+            "s_per_step": seconds, "hvae_params_M": sum(p.numel() for p in hvae.parameters()) / 1e6,
+        })  # fmt: skip
+        print(f"{label:22s} {1.0 / seconds:6.3f} steps/s  {args.batch_size / seconds:6.1f} img/s", flush=True)
+    return rows
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    setup = {
+        "input": f"{args.height}x{args.width}", "batch_size": args.batch_size, "hvae_preset": args.preset,
+        "mode": args.mode, "threads": args.threads, "timed_steps": args.steps, "warmup_steps": args.warmup,
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }  # fmt: skip
+    (RESULTS / "finetune_speed.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
+    base = next(r["s_per_step"] for r in rows if r["strategy"] == "none")
+    lines = [
+        "# Counterfactual fine-tuning throughput",
+        "",
+        f"`python benchmarks/finetune_speed.py` ({setup['input']}, batch {args.batch_size}, HVAE preset "
+        f"{args.preset}, {args.mode}, {args.threads} threads, {setup['date']}). `none` is the CFT step without "
+        "guidance terms; No-CFT itself trains nothing.",
+        "",
+        "| strategy | steps/s | images/s | s/step | guidance overhead |",
+        "|---|---|---|---|---|",
+        *(f"| {r['strategy']} | {r['steps_per_s']:.3f} | {r['images_per_s']:.1f} | {r['s_per_step']:.2f} | "
+          f"{(r['s_per_step'] / base - 1) * 100:+.0f}% |" for r in rows),
+    ]  # fmt: skip
+    (RESULTS / "finetune_speed.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--height", type=int, default=32)
+    parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    parser.add_argument("--mode", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    tune_malloc()
+    write(measure(args), args)
+
+
+if __name__ == "__main__":
+    main()

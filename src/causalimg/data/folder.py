@@ -1,0 +1,282 @@
+"""The ``folder`` data set: users' own images with label masks, parents measured from the masks.
+
+Layout: ``<path>/<split>/`` for split in train, val, test, each holding either
+
+* ``<stem>.npz`` with ``image`` (H, W) and ``mask`` (H, W) integer labels or (L, H, W) soft
+  fractions (channel i = label value i); every other array in the file is per-image metadata
+  (for example ``boundaries_mm`` for the ``landmarks`` partitioner); or
+* ``<stem>.png`` image with ``<stem>_mask.png`` integer labels, and optionally ``<stem>.json``
+  metadata.
+
+``label_map`` maps each label value in the files to a causalimg class (background, lumen,
+calcified, noncalcified). Images are either already in [-1, 1] (``window: null``) or in HU,
+mapped to [-1, 1] by ``window``; 8/16-bit PNGs are scaled by their bit depth. The parents are
+the regional areas measured with the configured partitioner and ``core.regions.variable_areas``,
+the same function the rest of causalimg uses. Every unusable file is a DataError naming the file,
+or, with ``on_bad_file: skip``, is listed in ``<root>/folder_skipped.txt`` and warned about.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import PositiveFloat, field_validator
+from torch.utils.data import Dataset
+
+import causalimg
+from causalimg.config.base import StrictModel
+from causalimg.core.data import Split
+from causalimg.core.regions import Partitioner, variable_areas
+from causalimg.core.variables import CLASS_NAMES, NUM_CLASSES, variable_names
+from causalimg.errors import ConfigError, DataError
+from causalimg.plugins.specs import DatasetSpec
+
+ClassName = Literal["background", "lumen", "calcified", "noncalcified"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class FolderConfig(StrictModel):
+    """Where the files are, how their labels map to classes, and their pixel spacing."""
+
+    name: Literal["folder"] = "folder"
+    path: Path
+    spacing_mm: PositiveFloat
+    label_map: dict[int, ClassName] = {0: "background", 1: "lumen", 2: "calcified", 3: "noncalcified"}
+    window: tuple[float, float] | None = None  # HU window mapped to [-1, 1]; None: images already in [-1, 1]
+    on_bad_file: Literal["error", "skip"] = "error"
+
+    @field_validator("label_map")
+    @classmethod
+    def _labels(cls, v: dict[int, str]) -> dict[int, str]:
+        if any(k < 0 for k in v):
+            raise ValueError(f"label values must be >= 0, got {sorted(v)}")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[1] <= v[0]:
+            raise ValueError(f"window must be (low, high) with low < high, got {v}")
+        return v
+
+
+class _BadFile(Exception):
+    """A file's problem; becomes a DataError or a skip-report line."""
+
+
+class FolderSource:
+    """A :class:`~causalimg.core.data.DataSource` over a directory of image/mask files."""
+
+    def __init__(self, config: FolderConfig, partitioner: Partitioner, root: Path):
+        self.config = config
+        self.partitioner = partitioner
+        self.region_names = tuple(partitioner.region_names)
+        self.variables = variable_names(self.region_names)
+        self.graph = {v: () for v in self.variables}
+        self.spacing_mm = config.spacing_mm
+        self.root = Path(root)
+        if not config.path.is_dir():
+            raise DataError(f"data.path {str(config.path)!r} is not a directory")
+        self._lut = self._label_lookup()
+        self.skipped: list[tuple[Path, str]] = []
+        self._files: dict[str, list[Path]] = {}
+        self._parents: dict[str, torch.Tensor] = {}
+        self.image_shape: tuple[int, int] | None = None
+        for split in SPLITS:
+            if (config.path / split).is_dir():
+                self._scan(split)
+        if not self._files:
+            raise DataError(f"data.path {str(config.path)!r} has none of the split folders {', '.join(SPLITS)}")
+        if self.skipped:
+            self._report_skipped()
+
+    @classmethod
+    def from_config(cls, config: FolderConfig, *, partitioner: Partitioner, root: Path) -> "FolderSource":
+        return cls(config, partitioner, root)
+
+    def _label_lookup(self) -> np.ndarray:
+        """(max label + 1,) class index of each file label value; -1 where the map has no entry."""
+        lut = np.full(max(self.config.label_map) + 1, -1, dtype=np.int64)
+        for value, cls_name in self.config.label_map.items():
+            lut[value] = CLASS_NAMES.index(cls_name)
+        return lut
+
+    # -- reading one file ----------------------------------------------------------------------
+    def _images(self, folder: Path) -> list[Path]:
+        npz = sorted(folder.glob("*.npz"))
+        png = sorted(p for p in folder.glob("*.png") if not p.stem.endswith("_mask"))
+        return npz + png
+
+    def load(self, path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Image (1, H, W) in [-1, 1], masks (C, H, W) class fractions and metadata of one file."""
+        try:
+            image, mask, meta = self._read(path)
+            return (*self._convert(image, mask), meta)
+        except _BadFile as err:
+            raise DataError(f"{path}: {err}") from None
+
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        if path.suffix == ".npz":
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    arrays = {k: f[k] for k in f.files}
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+                raise _BadFile(f"cannot be read as .npz ({err})") from None
+            for key in ("image", "mask"):
+                if key not in arrays:
+                    raise _BadFile(f"has no {key!r} array (has {sorted(arrays)})")
+            meta = {k: v.tolist() for k, v in arrays.items() if k not in ("image", "mask")}
+            return arrays["image"], arrays["mask"], {**meta, "source": str(path)}
+        mask_path = path.with_name(f"{path.stem}_mask.png")
+        if not mask_path.exists():
+            raise _BadFile(f"has no mask file {mask_path.name}")
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im)
+                bits = 16 if im.mode.startswith("I") else 8
+            with Image.open(mask_path) as im:
+                mask = np.asarray(im)
+        except OSError as err:
+            raise _BadFile(f"cannot be read as PNG ({err})") from None
+        if image.ndim == 2:
+            image = image.astype(np.float64) / (2**bits - 1) * 2.0 - 1.0
+        meta_path = path.with_suffix(".json")
+        meta: dict[str, Any] = {}
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as err:
+                raise _BadFile(f"metadata {meta_path.name} is not valid JSON ({err})") from None
+        return image, mask, {**meta, "source": str(path)}
+
+    def _convert(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.ndim != 2:
+            raise _BadFile(f"image must be 2-D (H, W), got shape {image.shape}")
+        if not np.issubdtype(image.dtype, np.number):
+            raise _BadFile(f"image has non-numeric dtype {image.dtype}")
+        image = image.astype(np.float64)
+        if not np.isfinite(image).all():
+            raise _BadFile(f"image has {int((~np.isfinite(image)).sum())} NaN or Inf pixels")
+        if self.config.window is not None:
+            lo, hi = self.config.window
+            image = np.clip((image - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+        elif image.min() < -1.0 - 1e-6 or image.max() > 1.0 + 1e-6:
+            raise _BadFile(
+                f"image values span [{image.min():g}, {image.max():g}] outside [-1, 1]; set data.window to "
+                f"the HU window that maps them"
+            )
+        masks = self._class_fractions(mask, image.shape)
+        return torch.from_numpy(image.astype(np.float32))[None], masks
+
+    def _class_fractions(self, mask: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        if mask.ndim == 2:  # integer labels
+            if mask.shape != shape:
+                raise _BadFile(f"mask shape {mask.shape} differs from image shape {shape}")
+            if not np.issubdtype(mask.dtype, np.integer):
+                if not (np.isfinite(mask).all() and np.all(mask == np.round(mask))):
+                    raise _BadFile(f"label mask has non-integer values (dtype {mask.dtype})")
+                mask = mask.astype(np.int64)
+            values = np.unique(mask)
+            bad = [int(v) for v in values if v < 0 or v >= len(self._lut) or self._lut[v] < 0]
+            if bad:
+                raise _BadFile(f"mask labels {bad} are not in label_map {sorted(self.config.label_map)}")
+            labels = torch.from_numpy(self._lut[mask])
+            return torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(2, 0, 1).to(torch.float32)
+        if mask.ndim == 3:  # soft fractions, channel = label value
+            if mask.shape[1:] != shape:
+                raise _BadFile(f"soft mask shape {mask.shape} does not match image shape {shape}")
+            if mask.shape[0] != len(self._lut) or (self._lut < 0).any():
+                raise _BadFile(
+                    f"soft mask has {mask.shape[0]} channels; label_map needs one per label 0..{len(self._lut) - 1}"
+                )
+            mask = mask.astype(np.float64)
+            if not np.isfinite(mask).all() or mask.min() < 0 or np.abs(mask.sum(0) - 1).max() > 1e-3:
+                raise _BadFile("soft mask must be finite, >= 0 and sum to 1 over channels at every pixel")
+            out = np.zeros((NUM_CLASSES, *shape), np.float64)
+            np.add.at(out, self._lut, mask)
+            return torch.from_numpy(out.astype(np.float32))
+        raise _BadFile(f"mask must be (H, W) labels or (L, H, W) fractions, got shape {mask.shape}")
+
+    # -- scanning ------------------------------------------------------------------------------
+    def _scan(self, split: str) -> None:
+        files, parents = [], []
+        folder = self.config.path / split
+        for path in self._images(folder):
+            try:
+                image, masks, meta = self.load(path)
+                shape = tuple(image.shape[1:])
+                if self.image_shape is not None and shape != self.image_shape:
+                    raise DataError(f"{path}: image shape {shape} differs from the data set's {self.image_shape}")
+                regions = self.partitioner.masks(*shape, self.spacing_mm, meta)  # (K, H, W)
+                pa = variable_areas(masks[None], regions[None], self.spacing_mm**2)[0]
+            except DataError as err:
+                if self.config.on_bad_file == "error":
+                    raise
+                self.skipped.append((path, str(err)))
+                continue
+            self.image_shape = self.image_shape or shape  # type: ignore[assignment]
+            files.append(path)
+            parents.append(pa)
+        if not files:
+            raise DataError(f"{folder}: no usable .npz or .png/_mask.png files" + (
+                f" ({len(self.skipped)} skipped, see {self.root / 'folder_skipped.txt'})" if self.skipped else ""))
+        self._files[split] = files
+        self._parents[split] = torch.stack(parents)
+
+    def _report_skipped(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        report = self.root / "folder_skipped.txt"
+        report.write_text("".join(f"{path}\t{why}\n" for path, why in self.skipped))
+        warnings.warn(f"data.folder skipped {len(self.skipped)} unusable files; see {report}", stacklevel=2)
+
+    # -- data-source API -----------------------------------------------------------------------
+    def split(self, name: Split) -> Dataset:
+        if name not in self._files:
+            raise ConfigError(f"split {name!r} has no folder {self.config.path / name}")
+        return FolderDataset(self, name)
+
+
+class FolderDataset(Dataset):
+    """One split of a folder data set; files are re-read per item, parents were measured at scan time."""
+
+    def __init__(self, source: FolderSource, split: str):
+        self.source, self.split_name = source, split
+        self.files = source._files[split]
+        self.parents = source._parents[split]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def metadata(self, index: int) -> Mapping[str, Any]:
+        return self.source.load(self.files[index])[2]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, masks, meta = self.source.load(self.files[index])
+        h, w = image.shape[1:]
+        return {
+            "image": image,
+            "masks": masks,
+            "labels": masks.argmax(0),
+            "parents": self.parents[index],
+            "regions": self.source.partitioner.masks(h, w, self.source.spacing_mm, meta),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+
+@causalimg.hookimpl
+def causalimg_datasets() -> list[DatasetSpec]:
+    return [
+        DatasetSpec(
+            name="folder",
+            config=FolderConfig,
+            factory=FolderSource.from_config,
+            summary="Your own .npz or PNG images with label masks; parents measured from the masks",
+        )
+    ]
