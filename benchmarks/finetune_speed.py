@@ -4,7 +4,8 @@ One CFT step = factual nelbo + abduction + counterfactual decode + the strategy'
 predictors on x~ + backward + AdamW, exactly ``CounterfactualFineTuning`` as the pipeline runs it,
 with the run config's default predictor sizes (U-Net segmentor, timm ResNet regressor) and the
 HVAE preset named. ``none`` times the same step without guidance terms: what the guidance adds
-is the difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is).
+is the difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is). Steps of
+the four strategies are interleaved and the median step time is reported.
 
 Usage:
   python benchmarks/finetune_speed.py                     # -> benchmarks/results/finetune_speed.{json,md}
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -67,48 +70,59 @@ def scenes(n: int, h: int, w: int, spacing: float) -> dict[str, torch.Tensor]:
     return {"image": image.clamp(-1, 1), "parents": parents, "regions": regions.expand(n, -1, -1, -1)}
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
-    torch.set_num_threads(args.threads)
-    h, w, spacing = args.height, args.width, 16.0 / args.height
-    data = scenes(args.batch_size, h, w, spacing)
-    names = variable_names(REGIONS)
-    transform = VariableTransform.fit(names, data["parents"])
+def build_step(label: str, data: dict, transform: VariableTransform, args: argparse.Namespace, spacing: float):
+    """One strategy's CFT module and optimiser, as the pipeline builds them; returns step()."""
+    h, w, names = args.height, args.width, transform.names
     predictors_cfg = PredictorsSection()
-    rows = []
-    for label, terms in STRATEGIES.items():
-        torch.manual_seed(0)
-        hvae = HVAE.from_config(HVAEConfig(preset=args.preset), image_shape=(h, w), num_parents=len(names))
-        dscm = DSCM(SCM({v: [] for v in names}), {v: SplineFlow(0) for v in names}, hvae, transform)
-        predictors = GuidancePredictors(
-            segmentor=UNet(SegmentorConfig(widths=predictors_cfg.segmentor.widths)),
-            regressor=build_regressor(RegressorConfig(arch=predictors_cfg.regressor.model), len(names)),
-        )
-        strategies = build_strategies(terms, load_registry(), predictors)
-        cft = CounterfactualFineTuning(dscm, strategies, region_names=REGIONS, pixel_area_mm2=spacing**2, eps=1.0)
-        cft.train()
-        if args.mode == "bf16":
-            cft.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(cft.trainable, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.01)
+    torch.manual_seed(0)
+    hvae = HVAE.from_config(HVAEConfig(preset=args.preset), image_shape=(h, w), num_parents=len(names))
+    dscm = DSCM(SCM({v: [] for v in names}), {v: SplineFlow(0) for v in names}, hvae, transform)
+    predictors = GuidancePredictors(
+        segmentor=UNet(SegmentorConfig(widths=predictors_cfg.segmentor.widths)),
+        regressor=build_regressor(RegressorConfig(arch=predictors_cfg.regressor.model), len(names)),
+    )
+    strategies = build_strategies(STRATEGIES[label], load_registry(), predictors)
+    cft = CounterfactualFineTuning(dscm, strategies, region_names=REGIONS, pixel_area_mm2=spacing**2, eps=1.0)
+    cft.train()
+    if args.mode == "bf16":
+        cft.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(cft.trainable, lr=1e-4, betas=(0.9, 0.9), weight_decay=0.01)
 
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mode == "bf16"):
-                loss = cft(data)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(cft.trainable, 350.0)
-            opt.step()
+    def step() -> float:
+        started = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mode == "bf16"):
+            loss = cft(data)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(cft.trainable, 350.0)
+        opt.step()
+        return time.perf_counter() - started
 
+    return step, sum(p.numel() for p in hvae.parameters()) / 1e6
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Steps of the strategies interleaved round-robin, so load from other work hits all alike."""
+    torch.set_num_threads(args.threads)
+    spacing = 16.0 / args.height  # the phantom's 16 mm field of view
+    data = scenes(args.batch_size, args.height, args.width, spacing)
+    transform = VariableTransform.fit(variable_names(REGIONS), data["parents"])
+    steps = {label: build_step(label, data, transform, args, spacing) for label in STRATEGIES}
+    for step, _ in steps.values():
         for _ in range(args.warmup):
             step()
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        seconds = (time.perf_counter() - started) / args.steps
+    times: dict[str, list[float]] = {label: [] for label in STRATEGIES}
+    for _ in range(args.steps):
+        for label, (step, _) in steps.items():
+            times[label].append(step())
+    rows = []
+    for label, seconds in times.items():
+        median = statistics.median(seconds)
         rows.append({
-            "strategy": label, "steps_per_s": 1.0 / seconds, "images_per_s": args.batch_size / seconds,
-            "s_per_step": seconds, "hvae_params_M": sum(p.numel() for p in hvae.parameters()) / 1e6,
+            "strategy": label, "steps_per_s": 1.0 / median, "images_per_s": args.batch_size / median,
+            "s_per_step": median, "s_per_step_all": seconds, "hvae_params_M": steps[label][1],
         })  # fmt: skip
-        print(f"{label:22s} {1.0 / seconds:6.3f} steps/s  {args.batch_size / seconds:6.1f} img/s", flush=True)
+        print(f"{label:22s} {1.0 / median:6.3f} steps/s  {args.batch_size / median:6.1f} img/s", flush=True)
     return rows
 
 
@@ -119,6 +133,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "mode": args.mode, "threads": args.threads, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_1min_at_end": os.getloadavg()[0],  # other work on the cores slows every row
     }  # fmt: skip
     (RESULTS / "finetune_speed.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
     base = next(r["s_per_step"] for r in rows if r["strategy"] == "none")
@@ -126,10 +141,11 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "# Counterfactual fine-tuning throughput",
         "",
         f"`python benchmarks/finetune_speed.py` ({setup['input']}, batch {args.batch_size}, HVAE preset "
-        f"{args.preset}, {args.mode}, {args.threads} threads, {setup['date']}). `none` is the CFT step without "
-        "guidance terms; No-CFT itself trains nothing.",
+        f"{args.preset}, {args.mode}, {args.threads} threads, {setup['date']}, 1-min load average "
+        f"{setup['load_average_1min_at_end']:.1f} at the end). `none` is the CFT step without guidance terms; "
+        "No-CFT itself trains nothing.",
         "",
-        "| strategy | steps/s | images/s | s/step | guidance overhead |",
+        "| strategy | steps/s | images/s | median s/step | guidance overhead |",
         "|---|---|---|---|---|",
         *(f"| {r['strategy']} | {r['steps_per_s']:.3f} | {r['images_per_s']:.1f} | {r['s_per_step']:.2f} | "
           f"{(r['s_per_step'] / base - 1) * 100:+.0f}% |" for r in rows),

@@ -6,26 +6,28 @@
 Writes benchmarks/results/guidance_<config>.json and .md: per strategy the intervened-region and
 off-target errors (evaluation segmentor and ground truth), image error against the true
 counterfactual, composition, reversibility and realism; per stage the wall time and the training
-throughput; and whether the paper's ordering (positional segmentor < regressor < none on the
-intervened region) holds for how many of the 9 interventions. Stages already complete in the run
-folder are skipped (their recorded times are reported), so compare runs made from scratch.
+throughput; and for how many of the 9 interventions the paper's ordering (positional segmentor <
+regressor < none on the intervened region) holds. With ``--paper-table
+/work/shared/paper/table1.csv`` (not shipped) it also puts our error ratios beside the paper's.
+Stages already complete in the run folder are skipped (their recorded times are reported), so
+compare runs made from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 from causalimg.config.loader import load_config
+from causalimg.core.variables import variable_names
 from causalimg.pipeline.evaluation import METRICS_FILE
 from causalimg.pipeline.stage import DONE, atomic_write_json, atomic_write_text, read_json
 from causalimg.pipeline.stages import run_pipeline
 from causalimg.plugins.manager import load_registry
-from causalimg.report.tables import PAPER_ORDER, ordering_count, summary_table
+from causalimg.report.tables import PAPER_ORDER, ordering_count, paper_comparison, summary_table
 from causalimg.training.accelerator import finish
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,6 +65,8 @@ def markdown(report: dict) -> str:
     for metric, count in report["paper_ordering"].items():
         if count is not None:
             lines.append(f"- {metric}: {' < '.join(PAPER_ORDER)} on the intervened region for {count} of 9 interventions.")
+    if "paper_comparison" in report:
+        lines += ["", report["paper_comparison"]]
     lines += ["", "| stage | seconds | steps | images/s | steps/s |", "|---|---:|---:|---:|---:|"]
     for row in report["stages"]:
         cells = [row["stage"]] + [
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="cpu", help="shipped config name or file (default: cpu)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--paper-table", type=Path, default=None,
+        help="the paper's Table 1 as CSV (intervention,cft_type,proximal,mid,distal) to compare orderings with",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     registry = load_registry()
     config = load_config(args.config, args.overrides, registry)
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(config.run.dir)
     labels = list(config.finetune.strategies)
     strategies = {label: read_json(run_dir / "evaluate" / label / METRICS_FILE)["metrics"] for label in labels}
-    variables = read_json(run_dir / "data" / DONE)["summary"]["variables"]
+    variables = variable_names(tuple(read_json(run_dir / "data" / DONE)["summary"]["region_names"]))
     report = {
         "config": Path(str(args.config)).stem,
         "command": " ".join(["python benchmarks/guidance_strategies.py", *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -100,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             for metric in ("effectiveness", "ground-truth")
         },
     }
+    if args.paper_table is not None:
+        effectiveness = {label: s["effectiveness"] for label, s in strategies.items() if "effectiveness" in s}
+        report["paper_comparison"] = paper_comparison(args.paper_table.read_text(), effectiveness, variables).markdown()
     name = report["config"]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"guidance_{name}.json", report)

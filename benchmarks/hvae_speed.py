@@ -35,8 +35,8 @@ RESULTS = Path(__file__).parent / "results"
 # checkpointed modes run there (the machine is shared and has 23 GiB)
 DEFAULT_RUNS = [
     *(f"cpu:32x192:{m}" for m in MODES),
-    *(f"cpu:64x384:{m}" for m in ("fp32-malloc", "bf16-cl", "bf16-cl-ckpt")),
-    *(f"paper:32x192:{m}" for m in ("fp32-malloc", "fp32-cl", "bf16-cl", "bf16-cl-ckpt")),
+    *(f"cpu:64x384:{m}" for m in ("fp32-malloc", "bf16-cl")),
+    *(f"paper:32x192:{m}" for m in ("fp32-malloc", "bf16-cl", "bf16-cl-ckpt")),
     "paper:64x384:bf16-cl-ckpt",
 ]
 
@@ -68,7 +68,8 @@ def build(preset: str, shape: tuple[int, int], mode: str, batch: int):
     model = HVAE.from_config(config, image_shape=shape, num_parents=9)
     fmt = torch.channels_last if "-cl" in mode else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.9), weight_decay=0.01)
+    # fused AdamW: one kernel over all parameters instead of ~8 small ops per tensor (~10% of a step)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.9), weight_decay=0.01, fused=True)
     x = (torch.rand(batch, 1, *shape) * 2 - 1).contiguous(memory_format=fmt)
     pa = torch.rand(batch, 9) * 2 - 1
     dtype = torch.bfloat16 if mode.startswith("bf16") else None

@@ -258,6 +258,7 @@ def test_yaml_python_tags_are_refused_by_safe_loading(env, capsys, entry, payloa
     assert not marker.exists()
 
 
+@pytest.mark.slow  # starts Python twice (about 5-20 s, depending on load)
 @pytest.mark.parametrize(
     ("argv", "content", "needle"),
     [

@@ -39,7 +39,7 @@ def dscm() -> DSCM:
 
 BATCH = 3
 BAD = [
-    ({"d": 1.0}, "unknown variable 'd' in do(...); known: a, b, c"),
+    ({"d": 1.0}, r"unknown variable 'd' in do\(\.\.\.\); known: a, b, c"),
     ({"A": 1.0}, "unknown variable 'A'"),
     ({3: 1.0}, "unknown variable 3"),
     ({"image": torch.zeros(BATCH, 1, 4, 6)}, "cannot intervene on 'image'"),

@@ -158,6 +158,7 @@ def test_identity_generator_fails_effectiveness_but_composes_and_reverses_perfec
     assert out["comp"]["l1_1"]["mean"] == 0 and out["comp"]["l1_10"]["mean"] == 0
     assert out["rev"]["l1"]["mean"] == 0
     assert out["gt"]["image_mean"]["mae_in"] > 0 and out["gt"]["image_mean"]["mae_out"] == 0
+    assert out["gt"]["intervened"] > 2.0 and out["gt"]["segmentor_floor"]["intervened"] == 0  # an exact segmentor
 
 
 def test_leakage_shows_as_off_target_error_only():
@@ -254,3 +255,26 @@ def test_unreachable_true_counterfactuals_are_counted_and_left_out():
     assert out["intervened"] == 0 and out["image_mean"]["mae_in"] == 0
     n_la = out["cells"]["la_mid"]["la_mid"]["n"]
     assert n_la == 12 - out["unreachable"]["la_mid"]
+
+
+def test_parents_beyond_the_area_variables_are_carried_but_not_scored():
+    """A data set with an extra root (the phantom's optional age) puts it among the parents."""
+    names = ("age", *NAMES)
+    transform = VariableTransform(names, torch.cat([torch.tensor([40.0]), TRANSFORM.low]), torch.cat([torch.tensor([80.0]), TRANSFORM.high]))
+    info = EvalInfo(NAMES, REGIONS, columns=tuple(range(1, 10)))
+
+    class PerfectWithAge:
+        def counterfactual(self, x, pa, do):
+            pa_cf = pa.clone()
+            for name, value in do.items():
+                pa_cf[:, names.index(name)] = value
+            return render(pa_cf[:, 1:])[0], pa_cf
+
+    with_age = [{**b, "parents": torch.cat([torch.full((len(b["index"]), 1), 60.0), b["parents"]], 1)} for b in batches()]
+
+    def context(batch):
+        return EvalContext(info, transform, region_masks(), 1.0, segment, features, None, seed=3)
+
+    out = evaluate({"eff": Effectiveness(), "rev": Reversibility()}, PerfectWithAge(), with_age, context, info)
+    assert set(out["eff"]["cells"]) == set(NAMES) and out["eff"]["intervened"] <= 0.5
+    assert out["rev"]["l1"]["mean"] <= 1.0

@@ -19,7 +19,7 @@ from causalimg.metrics.base import EvalInfo
 from causalimg.metrics.effectiveness import error_summary
 from causalimg.report.figures import error_bars, figure1
 from causalimg.report.html import write_report
-from causalimg.report.tables import intervention_table, ordering_count, summary_table
+from causalimg.report.tables import intervention_table, ordering_count, paper_comparison, summary_table
 
 REGIONS = ("proximal", "mid", "distal")
 NAMES = variable_names(REGIONS)
@@ -133,3 +133,16 @@ def test_report_renders_tables_and_images_in_headless_chromium(tmp_path):
     chromium(f"--screenshot={shot}", "--window-size=1200,900", report.as_uri(), profile=tmp_path / "profile2")
     pixels = Image.open(shot).convert("L")
     assert pixels.getextrema()[0] < 100  # text and table lines were drawn, not a blank page
+
+
+def test_paper_comparison_puts_ratios_side_by_side():
+    paper = "intervention,cft_type,proximal,mid,distal\n" + "".join(
+        f"do({name.split('_')[0].upper()}-{name.split('_')[1]}),{cft},{v},{v},{v}\n"
+        for name in NAMES
+        for cft, v in (("No-CFT", 40.0), ("Reg-CFT", 20.0), ("Pos-Seg-CFT", 10.0))
+    )
+    table = paper_comparison(paper, summaries(), NAMES)
+    assert len(table.rows) == 9
+    (label,), cells = table.rows[0]
+    assert label == "do(CPA-proximal)"
+    assert [round(c.value, 4) for c in cells] == [0.5, round(2 / 3, 4), 0.25, round(1 / 3, 4)]

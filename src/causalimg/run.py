@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         check_resume(run_dir, resolved)
     if is_main_process():
-        write_atomic(run_dir / RESOLVED_CONFIG, resolved)
+        try:  # the first write: an unusable run.dir is reported before anything runs
+            write_atomic(run_dir / RESOLVED_CONFIG, resolved)
+        except OSError as err:
+            raise ConfigError(f"run.dir {str(run_dir)!r} is not writable: {err.strerror or err}") from None
         steps = plan(config, select_stages(args.only, args.start))
         print(f"run {run_dir} (seed {config.run.seed}{', resuming' if args.resume else ''})")
         print("\n".join(f"  {i}. {step}" for i, step in enumerate(steps, start=1)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from causalimg.errors import InterventionError
+from causalimg.errors import DataError, InterventionError
 
 
 @dataclass(frozen=True)
@@ -63,5 +63,8 @@ class VariableTransform:
 
     @classmethod
     def load(cls, path: Path) -> "VariableTransform":
-        data = json.loads(path.read_text())
-        return cls(tuple(data["names"]), torch.tensor(data["low"]), torch.tensor(data["high"]))
+        try:  # JSON only: the file can hold names and numbers, never code
+            data = json.loads(Path(path).read_text())
+            return cls(tuple(data["names"]), torch.tensor(data["low"]), torch.tensor(data["high"]))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"variable transform {str(path)!r} is unreadable: {type(err).__name__}: {err}") from None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -118,6 +117,7 @@ class FolderSource:
         """Image (1, H, W) in [-1, 1], masks (C, H, W) class fractions and metadata of one file."""
         try:
             image, mask, meta = self._read(path)
+            self._check_spacing(meta.get("spacing_mm"))
             return (*self._convert(image, mask), meta)
         except _BadFile as err:
             raise DataError(f"{path}: {err}") from None
@@ -127,8 +127,8 @@ class FolderSource:
             try:
                 with np.load(path, allow_pickle=False) as f:
                     arrays = {k: f[k] for k in f.files}
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-                raise _BadFile(f"cannot be read as .npz ({err})") from None
+            except Exception as err:  # a foreign file may fail in any parser layer: it is the file's fault
+                raise _BadFile(f"cannot be read as .npz ({type(err).__name__}: {err})") from None
             for key in ("image", "mask"):
                 if key not in arrays:
                     raise _BadFile(f"has no {key!r} array (has {sorted(arrays)})")
@@ -143,8 +143,8 @@ class FolderSource:
                 bits = 16 if im.mode.startswith("I") else 8
             with Image.open(mask_path) as im:
                 mask = np.asarray(im)
-        except OSError as err:
-            raise _BadFile(f"cannot be read as PNG ({err})") from None
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... for broken files
+            raise _BadFile(f"cannot be read as PNG ({type(err).__name__}: {err})") from None
         if image.ndim == 2:
             image = image.astype(np.float64) / (2**bits - 1) * 2.0 - 1.0
         meta_path = path.with_suffix(".json")
@@ -154,13 +154,29 @@ class FolderSource:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as err:
                 raise _BadFile(f"metadata {meta_path.name} is not valid JSON ({err})") from None
+            if not isinstance(meta, dict):
+                raise _BadFile(f"metadata {meta_path.name} must hold a JSON object, not a {type(meta).__name__}")
         return image, mask, {**meta, "source": str(path)}
+
+    def _check_spacing(self, spacing: Any) -> None:
+        """A file that states its own pixel spacing must agree with ``data.spacing_mm``."""
+        if spacing is None:
+            return
+        try:
+            values = np.asarray(spacing, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise _BadFile(f"metadata spacing_mm {spacing!r} is not a number") from None
+        if values.size == 0 or not np.allclose(values, self.spacing_mm, rtol=1e-6, atol=0.0):
+            shown = ", ".join(f"{v:g}" for v in values)
+            raise _BadFile(f"spacing_mm {shown} differs from data.spacing_mm {self.spacing_mm:g}")
 
     def _convert(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if image.ndim != 2:
             raise _BadFile(f"image must be 2-D (H, W), got shape {image.shape}")
-        if not np.issubdtype(image.dtype, np.number):
-            raise _BadFile(f"image has non-numeric dtype {image.dtype}")
+        if image.dtype.kind not in "iuf":
+            raise _BadFile(f"image has dtype {image.dtype}; expected integers or floats")
+        if image.size == 0:
+            raise _BadFile(f"image is empty (shape {image.shape})")
         image = image.astype(np.float64)
         if not np.isfinite(image).all():
             raise _BadFile(f"image has {int((~np.isfinite(image)).sum())} NaN or Inf pixels")
@@ -176,6 +192,8 @@ class FolderSource:
         return torch.from_numpy(image.astype(np.float32))[None], masks
 
     def _class_fractions(self, mask: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        if mask.dtype.kind not in "iufb":
+            raise _BadFile(f"mask has dtype {mask.dtype}; expected integer labels or float fractions")
         if mask.ndim == 2:  # integer labels
             if mask.shape != shape:
                 raise _BadFile(f"mask shape {mask.shape} differs from image shape {shape}")

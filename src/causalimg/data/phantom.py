@@ -32,7 +32,7 @@ from causalimg.core.regions import Partitioner, variable_areas
 from causalimg.core.variables import variable_names
 from causalimg.data import phantom_geometry as geo
 from causalimg.data import phantom_render as render
-from causalimg.errors import CausalImgError, ConfigError, InterventionError
+from causalimg.errors import CausalImgError, ConfigError, DataError, InterventionError
 from causalimg.plugins.specs import DatasetSpec
 
 GENERATOR_VERSION = 1  # bump when the generative model changes: it invalidates caches
@@ -137,7 +137,10 @@ class PhantomSource:
             folder = self.cache_dir / f"{split}-{self.size(split)}"
             if not (folder / "done.json").exists():
                 self._generate_to(folder, split)
-            self._cache[split] = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in RENDERED}
+            try:  # np.load refuses pickles (allow_pickle=False): a tampered cache cannot run code
+                self._cache[split] = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in RENDERED}
+            except (OSError, ValueError) as err:
+                raise DataError(f"phantom cache {folder} is unreadable ({err}); delete it to regenerate") from None
         return self._cache[split]
 
     def _generate_to(self, folder: Path, split: Split) -> None:

@@ -194,6 +194,9 @@ class HVAE(nn.Module):
     def predict(self, exogenous: Exogenous, pa: torch.Tensor) -> torch.Tensor:
         """clamp(loc + scale * u, -1, 1) decoded from the abducted latents under parents pa."""
         self._check(None, pa)
+        expected = sum(n for i, n in enumerate(self.arch.dec_blocks[::-1]) if i < self.arch.latent_stages)
+        if len(exogenous.latents) != expected:
+            raise ValueError(f"hvae: expected {expected} abducted latents, got {len(exogenous.latents)}")
         loc, log_scale, _, _ = self._decode(pa, latents=exogenous.latents)
         return (loc + log_scale.exp() * exogenous.noise).clamp(-1, 1)
 

@@ -19,7 +19,9 @@ SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(0 + SOFTPLUS_ONE) = 1: zero-init
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(channels, 8), channels)
+    """Groups of >= 8 channels: a per-channel parent embedding added before the norm survives it
+    (with one channel per group the norm would subtract it away entirely)."""
+    return nn.GroupNorm(math.gcd(channels, max(1, channels // 8)), channels)
 
 
 def conv(c_in: int, c_out: int, kernel: int, zero: bool = False) -> nn.Conv2d:

@@ -70,10 +70,20 @@ class TrueCounterfactual(Protocol):
 
 @dataclass(frozen=True)
 class EvalInfo:
-    """What aggregation needs to name things."""
+    """What metrics need to name things.
+
+    variables: the structure x region area variables (``core.variables.variable_names``), the ones
+               intervened on and measured; columns: their positions in the parents tensor, which
+               may hold other variables too (a phantom with an ``age`` root). Empty: 0, 1, 2, ...
+    """
 
     variables: tuple[str, ...]
     region_names: tuple[str, ...]
+    columns: tuple[int, ...] = ()
+
+    @property
+    def parent_columns(self) -> list[int]:
+        return list(self.columns) if self.columns else list(range(len(self.variables)))
 
 
 @dataclass
@@ -96,7 +106,7 @@ class EvalContext:
     _sweep: "Sweep | None" = field(default=None, repr=False)
 
     def measure(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation-segmentor areas of every variable, (N, P) in mm^2.
+        """Evaluation-segmentor areas of every area variable, (N, V) in mm^2.
 
         images: (B, 1, H, W), or (B * R, 1, H, W) holding R images per batch image (image-major,
         as ``Sweep.cf_images.flatten(0, 1)``), which per-image regions are repeated to match.
@@ -115,28 +125,33 @@ class EvalContext:
 
 @dataclass
 class Sweep:
-    """One single-variable intervention per variable, for every image of a batch.
+    """One single-variable intervention per area variable v (V of them), for every image of a batch.
 
-    targets:    (B, P) the target of do(v) in column v
-    cf_images:  (B, P, 1, H, W) x~ under do(v), v on the second axis
-    cf_parents: (B, P, P) pa~ under do(v)
+    targets:    (B, V) the target of do(v) in column v
+    cf_images:  (B, V, 1, H, W) x~ under do(v), v on the second axis
+    cf_parents: (B, V, P) pa~ under do(v), every parent
+    cf_areas:   (B, V, V) pa~ under do(v), the area variables only
     """
 
     targets: torch.Tensor
     cf_images: torch.Tensor
     cf_parents: torch.Tensor
+    cf_areas: torch.Tensor
 
     @classmethod
     @torch.no_grad()
     def compute(cls, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> "Sweep":
         x, pa = batch["image"], batch["parents"]
+        columns = context.info.parent_columns
         targets = intervention_targets(batch["index"], context.transform, context.seed, TARGET_STREAM).to(pa)
+        targets = targets[:, columns]  # (B, V)
         images, parents = [], []
         for v, name in enumerate(context.info.variables):
             x_cf, pa_cf = model.counterfactual(x, pa, {name: targets[:, v]})
             images.append(x_cf)
             parents.append(pa_cf)
-        return cls(targets, torch.stack(images, dim=1), torch.stack(parents, dim=1))
+        cf_parents = torch.stack(parents, dim=1)  # (B, V, P)
+        return cls(targets, torch.stack(images, dim=1), cf_parents, cf_parents[..., columns])
 
 
 def intervention_targets(index: torch.Tensor, transform: VariableTransform, seed: int, stream: int) -> torch.Tensor:

@@ -63,10 +63,11 @@ class Effectiveness:
     def __call__(self, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> Rows:
         sweep = context.sweep(model, batch)
         b, p = sweep.targets.shape
-        measured = context.measure(sweep.cf_images.flatten(0, 1)).reshape(b, p, p)  # (B, P_do, P)
+        measured = context.measure(sweep.cf_images.flatten(0, 1)).reshape(b, p, p)  # (B, V_do, V)
+        factual = batch["parents"][:, context.info.parent_columns]  # (B, V)
         return {
-            "abs_error": (measured - sweep.cf_parents).abs(),  # (B, P_do, P) mm^2
-            "factual_abs_error": (context.measure(batch["image"]) - batch["parents"]).abs(),  # (B, P)
+            "abs_error": (measured - sweep.cf_areas).abs(),  # (B, V_do, V) mm^2
+            "factual_abs_error": (context.measure(batch["image"]) - factual).abs(),  # (B, V)
         }
 
     def aggregate(self, rows: Rows, info: EvalInfo) -> dict[str, Any]:

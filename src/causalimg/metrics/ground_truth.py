@@ -4,6 +4,8 @@ For each single-variable intervention of the effectiveness sweep, the data set r
 counterfactual of the same exogenous state. Reported:
   area_error   |evaluation-segmentor area on x~ - area of the TRUE counterfactual masks| (mm^2),
                per (intervention, variable), in the layout of Table 1;
+  floor        the same error of the evaluation segmentor on the TRUE counterfactual image: the
+               part of area_error a perfect generator would still show (``segmentor_floor``);
   image error  x~ against the true counterfactual image in 0-255 units: MAE and PSNR inside the
                intervened variable's region and outside it.
 A data set without ground truth yields no rows and the summary says so. A target that cannot
@@ -56,7 +58,7 @@ class GroundTruth:
         b, p = sweep.targets.shape
         k = len(context.info.region_names)
         regions = context.regions.expand(b, -1, -1, -1)  # (B, K, H, W)
-        area_error, mae_in, mae_out, psnr_in, psnr_out, unreachable = [], [], [], [], [], []
+        area_error, floor, mae_in, mae_out, psnr_in, psnr_out, unreachable = [], [], [], [], [], [], []
         for v, name in enumerate(context.info.variables):
             true_image, true_masks, _ = context.true_counterfactual(batch, {name: sweep.targets[:, v]})
             x_cf = sweep.cf_images[:, v]  # (B, 1, H, W)
@@ -64,6 +66,7 @@ class GroundTruth:
             unreachable.append(~torch.isfinite(true_image).flatten(1).all(1))  # (B,)
             true_areas = variable_areas(true_masks, context.regions, context.pixel_area_mm2)  # (B, P)
             area_error.append((context.measure(x_cf) - true_areas).abs())
+            floor.append((context.measure(true_image.nan_to_num()) - true_areas).abs())  # NaN rows stay NaN
             inside = regions[:, region_of(v, k)].unsqueeze(1).to(x_cf)  # (B, 1, H, W)
             mae, psnr = masked_errors(x_cf, true_image, inside)
             mae_in.append(mae)
@@ -73,6 +76,7 @@ class GroundTruth:
             psnr_out.append(psnr)
         return {
             "area_error": torch.stack(area_error, dim=1),  # (B, P_do, P) mm^2
+            "floor_error": torch.stack(floor, dim=1),  # (B, P_do, P) the segmentor on the TRUE image
             "mae_in": torch.stack(mae_in, dim=1),  # (B, P_do) 0-255
             "mae_out": torch.stack(mae_out, dim=1),
             "psnr_in": torch.stack(psnr_in, dim=1),  # (B, P_do) dB
@@ -85,6 +89,8 @@ class GroundTruth:
             return {"available": False, "reason": "the data set has no true counterfactuals"}
         summary = error_summary(rows["area_error"], info)
         summary["available"] = True
+        floor = error_summary(rows["floor_error"], info)
+        summary["segmentor_floor"] = {k: floor[k] for k in ("intervened", "off_target", "off_target_all")}
         summary["unreachable"] = {name: int(rows["unreachable"][:, i].sum()) for i, name in enumerate(info.variables)}
         summary["image"] = {
             column: {name: mean_ci(rows[column][:, i]) for i, name in enumerate(info.variables)}

@@ -36,9 +36,9 @@ class Reversibility:
         sweep = context.sweep(model, batch)
         low, high = context.transform.low.to(pa), context.transform.high.to(pa)
         errors = []
-        for v, name in enumerate(context.info.variables):
-            inside = (pa[:, v] >= low[v]) & (pa[:, v] <= high[v])  # (B,) the way back is a valid intervention
-            back_to = pa[:, v].clamp(low[v], high[v])
+        for v, (name, c) in enumerate(zip(context.info.variables, context.info.parent_columns)):
+            inside = (pa[:, c] >= low[c]) & (pa[:, c] <= high[c])  # (B,) the way back is a valid intervention
+            back_to = pa[:, c].clamp(low[c], high[c])
             back, _ = model.counterfactual(sweep.cf_images[:, v], sweep.cf_parents[:, v], {name: back_to})
             errors.append(torch.where(inside, l1_255(back, x), torch.nan))
         return {"l1": torch.stack(errors, dim=1)}  # (B, P) 0-255; NaN where pa_v lies outside the support

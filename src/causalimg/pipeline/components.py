@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,6 +20,7 @@ from causalimg.errors import DataError
 from causalimg.plugins.manager import Registry
 from causalimg.predictors.frozen import load_frozen
 from causalimg.predictors.regressor import RegressorConfig, build_regressor
+from causalimg.training.checkpoint import load_tensors
 from causalimg.predictors.unet import SegmentorConfig, UNet
 
 TRANSFORM_FILE = "transform.json"
@@ -72,7 +72,7 @@ def load_module(module: nn.Module, path: Path, prefix: str = "") -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"weights {str(path)!r} do not exist; was the stage that writes them interrupted?")
-    state = load_file(str(path))
+    state = {k: v for k, v in load_tensors(path).items() if isinstance(v, torch.Tensor)}  # refuses pickles
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = module.load_state_dict(state, strict=False)

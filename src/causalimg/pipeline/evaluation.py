@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
 from causalimg.config.sections import TrainConfig
-from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name
+from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name, variable_names
 from causalimg.errors import InterventionError
 from causalimg.metrics.base import DSCMCounterfactuals, EvalContext, EvalInfo, TrueCounterfactual, evaluate
 from causalimg.pipeline.stage import StageContext, atomic_path, atomic_write_json
@@ -110,7 +110,8 @@ def evaluate_strategy(
     n = min(config.evaluate.num_images, len(test))
     loader = DataLoader(Subset(test, range(n)), batch_size=config.finetune.train.batch_size)
     loader = accelerator.prepare_data_loader(loader)
-    info = EvalInfo(tuple(dscm.transform.names), tuple(source.region_names))
+    areas = variable_names(tuple(source.region_names))  # what is intervened on and measured
+    info = EvalInfo(areas, tuple(source.region_names), tuple(dscm.transform.index(n) for n in areas))
     metrics = {m.name: registry.get("metric", m.name).factory(m) for m in config.evaluate.metrics}
     truth = true_counterfactual(source, "test")
     pixel_area = float(source.spacing_mm) ** 2

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from safetensors.torch import load_file
 
+from causalimg.core.variables import variable_names
 from causalimg.pipeline.evaluation import FIGURE_FILE, METRICS_FILE, figure_titles
 from causalimg.pipeline.stage import DONE, ProcessGroup, atomic_write_json, atomic_write_text, read_json
 from causalimg.report.figures import error_bars, figure1
@@ -53,7 +54,8 @@ def write_run_report(
     """Write every report file (main process) and return the headline numbers per strategy."""
     results = {label: read_json(run_dir / "evaluate" / label / METRICS_FILE)["metrics"] for label in labels}
     data = read_json(run_dir / "data" / DONE)["summary"]
-    variables, regions = tuple(data["variables"]), tuple(data["region_names"])
+    regions = tuple(data["region_names"])
+    variables = variable_names(regions)  # the intervened and measured area variables
     tables: list[tuple[str, Table]] = []
     for name, metric, title in (
         ("table1", "effectiveness", "Table 1: effectiveness by the evaluation segmentor (mm^2)"),

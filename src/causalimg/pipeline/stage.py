@@ -12,9 +12,10 @@ Life of a stage directory:
   3. ``done.json`` (hash, timings, summary) is written last, atomically. Only a ``done.json`` that
      parses and carries the current hash marks a stage complete; anything else is redone.
 
-Selection: ``only=S`` redoes S alone; ``start=S`` redoes S and every later stage; either way the
-stages before must already be complete with unchanged hashes. Without selection a stage is skipped
-when complete and redone otherwise.
+Selection: ``only=S`` redoes S alone; ``start=S`` redoes S and every later stage; S may be a
+group (``finetune`` for every ``finetune/<label>``). The stages they depend on must already be
+complete with unchanged hashes. Without selection a stage is skipped when complete and redone
+otherwise; a stage built on upstream outputs that were redone since is stale (see ``is_complete``).
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "causalimg.regions.grid",
     "causalimg.data.phantom",
     "causalimg.data.folder",
+    "causalimg.mechanisms.flows",
+    "causalimg.mechanisms.hvae",
     "causalimg.metrics.effectiveness",
     "causalimg.metrics.ground_truth",
     "causalimg.metrics.composition",
@@ -162,7 +164,7 @@ def _load_entry_points(pm: CausalImgPluginManager, selection: _Selection) -> Non
         )
         try:
             plugin = ep.load()
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # a plugin calling sys.exit() must not end the run quietly
             raise PluginError(
                 f"entry-point {origin.describe()} failed to load {ep.value!r}: {type(err).__name__}: {err}"
             ) from err
@@ -195,7 +197,7 @@ def _load_files(pm: CausalImgPluginManager, selection: _Selection, plugin_dirs: 
             origin = PluginOrigin(path.stem, str(path.resolve()), "", "file")
             try:
                 module = _import_file(path.resolve())
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # a plugin calling sys.exit() must not end the run quietly
                 raise PluginError(
                     f"one-file plugin {str(path)!r} failed to import: {type(err).__name__}: {err}"
                 ) from err

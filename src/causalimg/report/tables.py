@@ -137,6 +137,7 @@ def summary_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
         "off-target (eval seg)": ("effectiveness", "off_target"),
         "intervened (true cf)": ("ground-truth", "intervened"),
         "off-target (true cf)": ("ground-truth", "off_target"),
+        "segmentor floor (true cf)": ("ground-truth", "segmentor_floor", "intervened"),
         "MAE in (0-255)": ("ground-truth", "image_mean", "mae_in"),
         "MAE out (0-255)": ("ground-truth", "image_mean", "mae_out"),
         "PSNR in (dB)": ("ground-truth", "image_mean", "psnr_in"),
@@ -194,3 +195,45 @@ def _lookup(result: Mapping[str, Any], path: Sequence[str]) -> Any:
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+# The paper's strategy names -> our strategy labels.
+PAPER_LABELS: dict[str, str] = {"No-CFT": "none", "Reg-CFT": "regressor", "Pos-Seg-CFT": "positional-segmentor"}
+
+
+def paper_comparison(paper_csv: str, summaries: Mapping[str, Mapping[str, Any]], variables: Sequence[str]) -> Table:
+    """Our intervened-region errors beside the paper's, as ratios to No-CFT (absolute values differ:
+    the paper's data is private CCTA).
+
+    paper_csv: the text of a CSV with columns intervention (``do(NCPA-proximal)``), cft_type
+    (``No-CFT``, ``Reg-CFT``, ``Pos-Seg-CFT``) and one column per region, like the paper's Table 1.
+    summaries: our strategy label -> ``effectiveness`` (or ``ground-truth``) summary.
+    """
+    paper: dict[tuple[str, str], dict[str, str]] = {}
+    for row in csv.DictReader(io.StringIO(paper_csv)):
+        paper[(row["intervention"], PAPER_LABELS.get(row["cft_type"], row["cft_type"]))] = row
+    columns = ("paper reg/none", "ours reg/none", "paper pos/none", "ours pos/none")
+    table = Table(
+        "Intervened-region error relative to No-CFT: the paper vs this run",
+        ("intervention",),
+        columns,
+        note="Ratios of the intervened-region error to No-CFT's (lower is better); the paper's values are from "
+        "its Table 1 on private CCTA data, ours from the evaluation segmentor on the phantom.",
+    )
+    for do in variables:
+        name = f"do({display_name(do)})"
+        region = do.partition("_")[2]
+        ours = {label: summaries[label]["cells"][do][do]["mean"] for label in ("none", "regressor", "positional-segmentor") if label in summaries}
+        theirs = {label: float(paper[(name, label)][region]) for label in PAPER_LABELS.values() if (name, label) in paper}
+
+        def ratio(values: dict[str, float], label: str) -> float:
+            return values[label] / values["none"] if label in values and values.get("none") else math.nan
+
+        cells = [
+            Cell(ratio(theirs, "regressor")),
+            Cell(ratio(ours, "regressor")),
+            Cell(ratio(theirs, "positional-segmentor")),
+            Cell(ratio(ours, "positional-segmentor")),
+        ]
+        table.rows.append(((name,), cells))
+    return table

@@ -1,0 +1,235 @@
+"""kill -9 the real run command during each pipeline stage group, rerun it, compare with an uninterrupted run.
+
+One uninterrupted reference run of ``python -m causalimg.run --config CONFIG`` (or ``--reference
+DIR``, a finished run of the same config) gives every output and each stage's duration. Then, per
+stage group (data, flows, predictors, pretrain, finetune, evaluate, report) and per kill: the
+reference is copied without that group's folders, ``--only GROUP`` is started and SIGKILLed (whole
+process group) at a random fraction of the group's reference duration after its first
+``[stage] running`` line, ``--only GROUP --resume`` finishes it, and the group's weight files
+(safetensors, bit for bit), transform, ``metrics.json`` files and report results are compared with
+the reference's. Upstream outputs are the reference's own, so each trial costs about twice the
+group, not a whole run; tests/test_faults_pipeline.py kills whole runs end to end.
+
+Usage:
+  python benchmarks/fault_injection.py                       # every group, 1 kill each
+  python benchmarks/fault_injection.py --kills 3 --seed 1    # 3 random points per group
+  python benchmarks/fault_injection.py --groups pretrain finetune --reference /tmp/runs/tiny
+Writes benchmarks/results/fault_injection.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGE_LINE = re.compile(r"^\[(?P<stage>[^\]]+)\] (?P<what>running|done in (?P<seconds>[0-9.]+) s|up to date)")
+IGNORED_JSON_KEYS = {"seconds", "finished", "started", "wall_time_s", "session_time_s", "images_per_s",
+                     "resumed_from_step", "upstream_finished", "timing", "timings", "report"}
+
+
+def command(config: str, run_dir: Path, overrides: Sequence[str], resume: bool, only: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "causalimg.run", "--config", config, "--set", f"run.dir={run_dir}"]
+    argv += [arg for text in overrides for arg in ("--set", text)]
+    return argv + (["--resume"] if resume else []) + (["--only", only] if only else [])
+
+
+def group_of(stage: str) -> str:
+    return stage.split("/", 1)[0]
+
+
+def run_to_end(argv: list[str], timeout: float) -> dict[str, float]:
+    """Run a command to completion; returns stage -> seconds of the stages it ran."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return {m["stage"]: float(m["seconds"]) for m in map(STAGE_LINE.match, result.stdout.splitlines())
+            if m and m["seconds"]}
+
+
+def run_and_kill(argv: list[str], stage: str | None, delay: float, timeout: float) -> str | None:
+    """Start the run, SIGKILL its process group ``delay`` s after ``stage`` starts (None: after start).
+
+    Returns the stage that was running when the kill landed (None: the run ended first)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    running: list[str | None] = [None]
+    killed = threading.Event()
+
+    def kill() -> None:
+        if proc.poll() is None:
+            killed.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(delay, kill) if stage is None else None
+    if timer is not None:
+        timer.start()
+    deadline = threading.Timer(timeout, kill)
+    deadline.start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = STAGE_LINE.match(line)
+        if not match or killed.is_set():
+            continue
+        if match["what"] == "running":
+            running[0] = match["stage"]
+            if stage in (match["stage"], group_of(match["stage"])) and timer is None:
+                timer = threading.Timer(delay, kill)
+                timer.start()
+        elif match["stage"] == running[0]:
+            running[0] = None
+    proc.wait()
+    deadline.cancel()
+    if timer is not None:
+        timer.cancel()
+    return running[0] if killed.is_set() else None
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN sentinels included, which ``torch.equal`` calls different)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+def compare(reference: Path, other: Path, group: str | None = None) -> list[str]:
+    """Differences in weights (bitwise), the transform, metrics and the report's results
+    (of one stage group's folder, or of the whole run)."""
+    problems = []
+    weights = sorted(p.relative_to(reference) for p in reference.rglob("*.safetensors") if "checkpoints" not in p.parts)
+    jsons = [Path("data/transform.json"), Path("report/results.json")]
+    jsons += sorted(p.relative_to(reference) for p in reference.glob("evaluate/*/metrics.json"))
+    if group is not None:
+        weights = [rel for rel in weights if rel.parts[0] == group]
+        jsons = [rel for rel in jsons if rel.parts[0] == group]
+    for rel in weights:
+        if not (other / rel).is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        a, b = load_file(reference / rel), load_file(other / rel)
+        if a.keys() != b.keys() or any(not same_bits(a[k], b[k]) for k in a):
+            worst = max((float((a[k].double() - b[k].double()).abs().max()) for k in a if k in b), default=float("nan"))
+            problems.append(f"{rel}: differs (max abs {worst:.3g})")
+    for rel in jsons:
+        if not (other / rel).is_file():
+            problems.append(f"{rel}: missing")
+        elif _strip(json.loads((reference / rel).read_text())) != _strip(json.loads((other / rel).read_text())):
+            problems.append(f"{rel}: differs")
+    if not weights and not jsons:
+        problems.append("nothing to compare")
+    return problems
+
+
+def _strip(value: Any) -> Any:
+    """JSON without wall-clock fields and absolute run paths."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in IGNORED_JSON_KEYS}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Stage -> seconds, from the done.json files of a finished run, in run order."""
+    records = {p: json.loads(p.read_text()) for p in run_dir.glob("**/done.json")}
+    stages = sorted((r["finished"], p) for p, r in records.items() if "finished" in r and "seconds" in r)
+    return {str(p.parent.relative_to(run_dir)): records[p]["seconds"] for _, p in stages}
+
+
+def inject(config: str, overrides: Sequence[str], groups: Sequence[str] | None, kills: int, seed: int,
+           workdir: Path, timeout: float, reference: Path | None = None) -> dict[str, Any]:
+    rng = random.Random(seed)
+    reference_s = None
+    if reference is None:
+        reference = workdir / "reference"
+        began = time.perf_counter()
+        run_to_end(command(config, reference, overrides, resume=False), timeout)
+        reference_s = round(time.perf_counter() - began, 1)
+    durations = stage_seconds(reference)
+    by_group: dict[str, float] = {}
+    for stage, seconds in durations.items():
+        by_group[group_of(stage)] = by_group.get(group_of(stage), 0.0) + seconds
+    trials = []
+    for group in groups or list(by_group):
+        for k in range(kills):
+            fraction = rng.uniform(0.05, 0.95)
+            run_dir = workdir / f"{group}-{k}"
+            shutil.copytree(reference, run_dir, ignore=lambda d, names: [group] if Path(d) == reference else [])
+            landed = run_and_kill(command(config, run_dir, overrides, False, group), group,
+                                  fraction * by_group[group], timeout)
+            began = time.perf_counter()
+            try:
+                run_to_end(command(config, run_dir, overrides, True, group), timeout)
+                problems = compare(reference, run_dir, group)
+            except RuntimeError as err:  # the rerun failed: that is this trial's result
+                problems = [f"rerun failed: {str(err)[-500:]}"]
+            trials.append({"group": group, "fraction": round(fraction, 3), "killed_in": landed,
+                           "group_s": round(by_group[group], 1), "rerun_s": round(time.perf_counter() - began, 1),
+                           "identical": not problems, "problems": problems})
+            print(f"{group:12s} kill at {fraction:.2f} of {by_group[group]:.0f} s: landed in {landed}, "
+                  f"{'identical' if not problems else problems}", flush=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return {"config": config, "overrides": list(overrides), "seed": seed, "reference_s": reference_s,
+            "stage_s": durations, "trials": trials, "all_identical": all(t["identical"] for t in trials)}
+
+
+def markdown(result: dict[str, Any], argv: Sequence[str]) -> str:
+    lines = [
+        "# Fault injection: kill -9 during each stage, rerun, compare",
+        "",
+        f"Command: `python benchmarks/fault_injection.py {' '.join(argv)}` "
+        f"(config `{result['config']}`, overrides {result['overrides'] or 'none'}, seed {result['seed']}).",
+        "Each trial: the reference run copied without the group's folders, `--only GROUP` killed with SIGKILL, "
+        "`--only GROUP --resume` to the end. Compared with the reference: the group's weights files bit for bit "
+        "(safetensors), data/transform.json, evaluate/*/metrics.json and report/results.json (wall-clock fields dropped).",
+        "",
+        "| group | group s (reference) | kill at (fraction) | kill landed in | resume s | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in result["trials"]:
+        verdict = "bit-identical" if t["identical"] else "; ".join(t["problems"])
+        lines.append(f"| {t['group']} | {t['group_s']} | {t['fraction']} | {t['killed_in'] or '(ended first)'} | "
+                     f"{t['rerun_s']} | {verdict} |")
+    n = len(result["trials"])
+    same = sum(t["identical"] for t in result["trials"])
+    lines += ["", f"{same} of {n} interrupted stage groups ended bit-identical to the uninterrupted run."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE")
+    parser.add_argument("--groups", nargs="*", help="stage groups to kill in (default: every group of the run)")
+    parser.add_argument("--reference", type=Path, help="a finished run of the same config to compare with")
+    parser.add_argument("--kills", type=int, default=1, help="random kill points per group")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per command")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="causalimg-faults-") as tmp:
+        result = inject(args.config, args.overrides, args.groups, args.kills, args.seed, Path(tmp), args.timeout,
+                        args.reference)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fault_injection.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "fault_injection.md").write_text(markdown(result, sys.argv[1:] if argv is None else argv))
+    print(f"wrote {args.out / 'fault_injection.md'}")
+    return 0 if result["all_identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
