@@ -120,7 +120,7 @@ def markdown(r: dict[str, Any], argv: Sequence[str]) -> str:
     return "\n".join([
         "# Data-side memory: the cached phantom streamed for one epoch",
         "",
-        f"Command: `python benchmarks/data_memory.py {' '.join(argv)}`; {r['count']} training images of "
+        f"Command: `{' '.join(['python benchmarks/data_memory.py', *argv])}`; {r['count']} training images of "
         f"{r['image_shape'][1]} x {r['image_shape'][2]}, cache {r['cache_gb']:.2f} GB on disk, batch {r['batch_size']}, "
         f"{r['workers']} DataLoader workers; cache written in {r['generate_s']:.0f} s, epoch read in {r['stream_s']:.0f} s "
         f"({r['images_per_s']:.0f} images/s); 1-minute load average {r['load_average_1min_at_end']:.1f} (shared machine).",

@@ -65,9 +65,10 @@ def run_to_end(argv: list[str], timeout: float) -> dict[str, float]:
 def run_and_kill(argv: list[str], stage: str | None, delay: float, timeout: float) -> str | None:
     """Start the run, SIGKILL its process group ``delay`` s after ``stage`` starts (None: after start).
 
-    Returns the stage that was running when the kill landed (None: the run ended first)."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    Returns the stage that was running when the kill landed, "(between stages)" when none was,
+    or None when the run ended before the kill."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # stage lines as they happen
     running: list[str | None] = [None]
     killed = threading.Event()
 
@@ -97,7 +98,9 @@ def run_and_kill(argv: list[str], stage: str | None, delay: float, timeout: floa
     deadline.cancel()
     if timer is not None:
         timer.cancel()
-    return running[0] if killed.is_set() else None
+    if not killed.is_set():
+        return None
+    return running[0] or "(between stages)"
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -163,14 +166,25 @@ def inject(config: str, overrides: Sequence[str], groups: Sequence[str] | None, 
     by_group: dict[str, float] = {}
     for stage, seconds in durations.items():
         by_group[group_of(stage)] = by_group.get(group_of(stage), 0.0) + seconds
-    trials = []
+    trials, calibrations = [], []
+
+    def without_group(name: str, group: str) -> Path:
+        run_dir = workdir / name
+        shutil.copytree(reference, run_dir, ignore=lambda d, names: [group] if Path(d) == reference else [])
+        return run_dir
+
     for group in groups or list(by_group):
+        # An uninterrupted --only run first: the group's duration now (load changes it several-fold),
+        # and a check that rerunning the group alone reproduces the reference.
+        calibration = without_group(f"{group}-calibration", group)
+        group_s = sum(run_to_end(command(config, calibration, overrides, False, group), timeout).values())
+        calibrations.append({"group": group, "seconds": round(group_s, 1),
+                             "problems": compare(reference, calibration, group)})
+        shutil.rmtree(calibration, ignore_errors=True)
         for k in range(kills):
             fraction = rng.uniform(0.05, 0.95)
-            run_dir = workdir / f"{group}-{k}"
-            shutil.copytree(reference, run_dir, ignore=lambda d, names: [group] if Path(d) == reference else [])
-            landed = run_and_kill(command(config, run_dir, overrides, False, group), group,
-                                  fraction * by_group[group], timeout)
+            run_dir = without_group(f"{group}-{k}", group)
+            landed = run_and_kill(command(config, run_dir, overrides, False, group), group, fraction * group_s, timeout)
             began = time.perf_counter()
             try:
                 run_to_end(command(config, run_dir, overrides, True, group), timeout)
@@ -178,32 +192,37 @@ def inject(config: str, overrides: Sequence[str], groups: Sequence[str] | None, 
             except RuntimeError as err:  # the rerun failed: that is this trial's result
                 problems = [f"rerun failed: {str(err)[-500:]}"]
             trials.append({"group": group, "fraction": round(fraction, 3), "killed_in": landed,
-                           "group_s": round(by_group[group], 1), "rerun_s": round(time.perf_counter() - began, 1),
+                           "group_s": round(group_s, 1), "rerun_s": round(time.perf_counter() - began, 1),
                            "identical": not problems, "problems": problems})
-            print(f"{group:12s} kill at {fraction:.2f} of {by_group[group]:.0f} s: landed in {landed}, "
+            print(f"{group:12s} kill at {fraction:.2f} of {group_s:.0f} s: landed in {landed}, "
                   f"{'identical' if not problems else problems}", flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)
     return {"config": config, "overrides": list(overrides), "seed": seed, "reference_s": reference_s,
-            "stage_s": durations, "trials": trials, "all_identical": all(t["identical"] for t in trials)}
+            "stage_s": durations, "calibrations": calibrations, "trials": trials,
+            "all_identical": all(t["identical"] for t in trials) and not any(c["problems"] for c in calibrations)}
 
 
 def markdown(result: dict[str, Any], argv: Sequence[str]) -> str:
     lines = [
         "# Fault injection: kill -9 during each stage, rerun, compare",
         "",
-        f"Command: `python benchmarks/fault_injection.py {' '.join(argv)}` "
+        f"Command: `{' '.join(['python benchmarks/fault_injection.py', *argv])}` "
         f"(config `{result['config']}`, overrides {result['overrides'] or 'none'}, seed {result['seed']}).",
-        "Each trial: the reference run copied without the group's folders, `--only GROUP` killed with SIGKILL, "
+        "Each trial: the reference run copied without the group's folders, `--only GROUP` killed with SIGKILL "
+        "at the given fraction of the group's duration in an uninterrupted `--only GROUP` run just before, "
         "`--only GROUP --resume` to the end. Compared with the reference: the group's weights files bit for bit "
         "(safetensors), data/transform.json, evaluate/*/metrics.json and report/results.json (wall-clock fields dropped).",
         "",
-        "| group | group s (reference) | kill at (fraction) | kill landed in | resume s | result |",
+        "| group | group s (uninterrupted `--only`) | kill at (fraction) | kill landed in | resume s | result |",
         "|---|---|---|---|---|---|",
     ]
     for t in result["trials"]:
         verdict = "bit-identical" if t["identical"] else "; ".join(t["problems"])
         lines.append(f"| {t['group']} | {t['group_s']} | {t['fraction']} | {t['killed_in'] or '(ended first)'} | "
                      f"{t['rerun_s']} | {verdict} |")
+    redo = [c for c in result["calibrations"] if c["problems"]]
+    lines += ["", "Uninterrupted `--only GROUP` reruns reproduce the reference: "
+              + ("all groups." if not redo else "; ".join(f"{c['group']}: {c['problems']}" for c in redo))]
     n = len(result["trials"])
     same = sum(t["identical"] for t in result["trials"])
     lines += ["", f"{same} of {n} interrupted stage groups ended bit-identical to the uninterrupted run."]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from causalimg.config.run import PredictorsSection
+from causalimg.core.guidance import GuidancePredictors
 from causalimg.core.regions import variable_areas
 from causalimg.core.scm import DSCM, SCM
 from causalimg.core.transform import VariableTransform
@@ -33,7 +34,6 @@ from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, NUM_CLASSES
 from causalimg.guidance.positional import PositionalSegmentorGuidanceConfig
 from causalimg.guidance.regressor import RegressorGuidanceConfig
 from causalimg.guidance.segmentor import SegmentorGuidanceConfig
-from causalimg.core.guidance import GuidancePredictors
 from causalimg.mechanisms.flows import SplineFlow
 from causalimg.mechanisms.hvae import HVAE, HVAEConfig
 from causalimg.plugins.manager import load_registry

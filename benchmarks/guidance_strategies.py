@@ -16,10 +16,13 @@ compare runs made from scratch.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from causalimg.config.loader import load_config
 from causalimg.core.variables import variable_names
@@ -57,7 +60,8 @@ def markdown(report: dict) -> str:
         f"# Guidance strategies: `{report['config']}`",
         "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}; total wall time {report['wall_s']:.0f} s.",
+        f"Machine: {report['machine']}; stages took {report['stage_seconds']:.0f} s in all "
+        f"(this invocation: {report['wall_s']:.0f} s; stages already complete were skipped).",
         "",
         summary_table(report["strategies"]).markdown(),
         "",
@@ -99,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "config": Path(str(args.config)).stem,
         "command": " ".join(["python benchmarks/guidance_strategies.py", *sys.argv[1:]]) if argv is None else " ".join(argv),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end, python {platform.python_version()}",
         "wall_s": wall,
         "stages": stage_rows(run_dir, list(results)),
+        "stage_seconds": sum((read_json(run_dir / name / DONE) or {}).get("seconds", 0.0) for name in results),
         "strategies": strategies,
         "paper_ordering": {
             metric: ordering_count({l: s[metric] for l, s in strategies.items() if "cells" in s.get(metric, {})}, variables)

@@ -104,6 +104,7 @@ def measure(run: str, steps: int, warmup: int, batch: int) -> dict:
         "img_per_s": round(batch * steps / dt, 2),
         "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "final_loss": round(losses[-1], 4),
+        "load_1m": round(os.getloadavg()[0], 1),  # other processes on the machine during the run
     }  # fmt: skip
 
 
@@ -132,11 +133,14 @@ def write(results: list[dict]) -> None:
         "",
         "Written by `python benchmarks/hvae_speed.py`. Modes change execution, not the model.",
         "",
-        "| preset | input | mode | params (M) | img/s | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| preset | input | mode | params (M) | img/s | peak RSS (GiB) | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['preset']} | {r['input']} | {r['mode']} | {r['params_M']} | {r['img_per_s']} | {r['peak_rss_GiB']} |")
+        lines.append(
+            f"| {r['preset']} | {r['input']} | {r['mode']} | {r['params_M']} | {r['img_per_s']} "
+            f"| {r['peak_rss_GiB']} | {r.get('load_1m', '')} |"
+        )
     (RESULTS / "hvae_speed.md").write_text("\n".join(lines) + "\n")
 
 
@@ -165,8 +169,8 @@ def main() -> None:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(result), flush=True)
         results.append(result)
-    if not args.no_write:
-        write(results)
+        if not args.no_write:  # after every run: a long table interrupted still leaves its rows
+            write(results)
 
 
 if __name__ == "__main__":

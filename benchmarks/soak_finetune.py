@@ -127,7 +127,7 @@ def markdown(r: dict[str, Any], argv: Sequence[str]) -> str:
     return "\n".join([
         "# Fine-tuning soak (CPU, fp32)",
         "",
-        f"Command: `python benchmarks/soak_finetune.py {' '.join(argv)}`; {r['steps']} steps, batch {r['batch_size']}, "
+        f"Command: `{' '.join(['python benchmarks/soak_finetune.py', *argv])}`; {r['steps']} steps, batch {r['batch_size']}, "
         f"{r['threads']} threads, {r['wall_s']:.0f} s wall, {r['skipped_steps']} skipped steps; "
         f"1-minute load average {r['load_average_1min_at_end']:.1f} at the end (shared machine).",
         "",

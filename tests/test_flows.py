@@ -10,6 +10,15 @@ import torch
 from causalimg.mechanisms.flows import SplineFlow, SplineFlowConfig, causalimg_attribute_mechanisms
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one thread, so a busy test machine cannot stall OpenMP workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("num_context", [0, 2])
 def test_inverse_of_forward_is_identity(num_context: int) -> None:
     torch.manual_seed(0)

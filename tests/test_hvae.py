@@ -18,6 +18,15 @@ from causalimg.mechanisms.hvae import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one thread, so a busy test machine cannot stall OpenMP workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(shape: tuple[int, int], **overrides) -> HVAEConfig:
     n = len(stage_resolutions(shape))
     widths = tuple(min(8 * 2**i, 32) for i in range(n))
@@ -162,17 +171,8 @@ def synthetic_images(n: int, generator: torch.Generator) -> tuple[torch.Tensor, 
     return x.unsqueeze(1), pa
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls when the test machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_tiny_hvae_fits_and_reconstructs(one_thread) -> None:
+def test_tiny_hvae_fits_and_reconstructs() -> None:
     """A few hundred steps lower the nelbo well below its start and reconstruct to a stated error."""
     gen = torch.Generator().manual_seed(0)
     x, pa = synthetic_images(128, gen)

@@ -18,7 +18,7 @@ from causalimg.pipeline.evaluation import FIGURE_FILE, METRICS_FILE, figure_titl
 from causalimg.pipeline.stage import DONE, ProcessGroup, atomic_write_json, atomic_write_text, read_json
 from causalimg.report.figures import error_bars, figure1
 from causalimg.report.html import write_report
-from causalimg.report.tables import PAPER_ORDER, Table, intervention_table, ordering_count, summary_table
+from causalimg.report.tables import PAPER_ORDER, Cell, Table, intervention_table, ordering_count, summary_table
 
 
 def findings(results: dict[str, dict[str, Any]], variables: Sequence[str]) -> list[str]:
@@ -42,6 +42,29 @@ def findings(results: dict[str, dict[str, Any]], variables: Sequence[str]) -> li
                 f"By the {what}: {' < '.join(PAPER_ORDER)} on the intervened region for {count} of {len(variables)} interventions."
             )
     return lines
+
+
+def predictor_tables(run_dir: Path) -> list[Table]:
+    """Test-split quality of the frozen predictors: Dice per class, regressor MAE per variable."""
+    tables = []
+    dice = {
+        name: summary["test_dice"]
+        for name in ("guidance-segmentor", "evaluation-segmentor")
+        if isinstance(summary := (read_json(run_dir / "predictors" / name / DONE) or {}).get("summary"), dict)
+        and "test_dice" in summary
+    }
+    if dice:
+        classes = tuple(next(iter(dice.values())))
+        table = Table("Segmentors on the test split (Dice)", ("segmentor",), classes)
+        table.rows = [((name,), [Cell(float(d[c])) for c in classes]) for name, d in dice.items()]
+        tables.append(table)
+    regressor = (read_json(run_dir / "predictors" / "regressor" / DONE) or {}).get("summary", {})
+    if isinstance(regressor, dict) and "test_mae_mm2" in regressor:
+        mae = regressor["test_mae_mm2"]
+        table = Table("Regressor on the test split (MAE, mm^2)", ("regressor",), tuple(mae))
+        table.rows = [(("regressor",), [Cell(float(v)) for v in mae.values()])]
+        tables.append(table)
+    return tables
 
 
 def _nan_last(value: float) -> float:
@@ -93,7 +116,7 @@ def write_run_report(
             out / "report.html",
             title=f"causalimg run {run_dir.name}",
             intro=f"Counterfactual fine-tuning strategies compared: {', '.join(labels)}. Run folder: {run_dir}.",
-            tables=[table for _, table in tables],
+            tables=[table for _, table in tables] + predictor_tables(run_dir),
             figures=figures,
             timings=timings,
             configs={"config.yaml (resolved)": config_text},

@@ -16,9 +16,13 @@ segmentor is read by the evaluate stage alone.
 
 from __future__ import annotations
 
+import random
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -89,6 +93,20 @@ class Pipeline:
         accelerator = make_accelerator(train, ctx.dir, tracking=self.config.tracking)
         result = fit(model, objective, dataset, train, ctx.dir, accelerator, seed=seed, desc=ctx.name, resume=True, **kw)
         return result.summary
+
+    def seeded(self, body: Callable[[StageContext], Any]) -> Callable[[StageContext], Any]:
+        """Seed the global RNGs from (run.seed, stage name) before the stage body, so what it builds
+        (initial weights) does not depend on which stages ran earlier in this process: a run
+        resumed after a kill skips finished stages and must still end bit-identical."""
+
+        def run(ctx: StageContext) -> Any:
+            seed = (self.seed * 1_000_003 + zlib.crc32(ctx.name.encode())) % 2**32
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            return body(ctx)
+
+        return run
 
     def main_first(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the main process, then on the others (so caches are written once)."""
@@ -254,7 +272,7 @@ class Pipeline:
                 )
             )
         stages.append(Stage("report", self.report, {"config": self.config.model_dump(mode="json")}, tuple(evaluations)))
-        return stages
+        return [replace(stage, run=self.seeded(stage.run)) for stage in stages]
 
 
 def run_pipeline(

@@ -34,7 +34,9 @@ class Cell:
     def text(self, digits: int = 2) -> str:
         if isinstance(self.value, float) and math.isnan(self.value):
             return "n/a"
-        return f"{self.value:.{digits}f}{INTERVENED_MARK if self.intervened else ''}"
+        small = 0 < abs(self.value) < 10**-digits  # keep small values (a Fréchet distance) readable
+        number = f"{self.value:.2g}" if small else f"{self.value:.{digits}f}"
+        return f"{number}{INTERVENED_MARK if self.intervened else ''}"
 
 
 @dataclass
