@@ -33,6 +33,7 @@ from causalimg.core.guidance import GuidancePredictors
 from causalimg.core.transform import VariableTransform
 from causalimg.pipeline import components as build
 from causalimg.pipeline.evaluation import evaluate_strategy
+from causalimg.pipeline.pretrain_check import check_pretrained
 from causalimg.pipeline.reporting import write_run_report
 from causalimg.pipeline.stage import Stage, StageContext, atomic_path, run_stages
 from causalimg.plugins.manager import Registry
@@ -187,7 +188,10 @@ class Pipeline:
             out = model.loss(batch["image"], pa)
             return {name: value.mean() for name, value in (("loss", out["nelbo"]), ("nll", out["nll"]), ("kl", out["kl"]))}
 
-        return self.train(dscm.image, objective, source.split("train"), self.config.pretrain, ctx, self.seed + SEED["pretrain"])
+        summary = self.train(dscm.image, objective, source.split("train"), self.config.pretrain, ctx, self.seed + SEED["pretrain"])
+        if self.accelerator.is_main_process:  # fit leaves the EMA weights in the model
+            summary.update(check_pretrained(dscm, transform, source.split("train"), source.split("test"), ctx.dir))
+        return summary
 
     def finetune(self, ctx: StageContext) -> dict:
         """One strategy's CFT from the pretrained DSCM; No-CFT (no terms) writes it unchanged."""

@@ -101,3 +101,21 @@ def error_bars(
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, samples: torch.Tensor, path: Path) -> Path:
+    """Columns: input, reconstruction (do = factual parents), sample under the same parents.
+
+    All three are (N, 1, H, W) in [-1, 1]; one row per image, shown on the same grey scale.
+    """
+    columns = (("input", inputs), ("reconstruction", reconstructions), ("sample, same parents", samples))
+    n, (h, w) = inputs.shape[0], inputs.shape[-2:]
+    fig, axes = plt.subplots(n, 3, figsize=(3 * 4.0, n * (4.0 * h / w + 0.35)), squeeze=False)
+    for row in range(n):
+        for col, (title, images) in enumerate(columns):
+            _show(axes[row, col], images[row, 0].float().numpy(), title if row == 0 else "", cmap="gray", vmin=-1, vmax=1)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
