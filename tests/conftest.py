@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from causalimg.plugins.manager import ENV_BLOCK, ENV_ONLY, ENV_TRACE, Registry, get_plugin_manager
 
@@ -104,3 +105,12 @@ def toy_registry(toy_plugin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Regis
     registry = Registry.from_manager(get_plugin_manager([toy_plugin_dir]))
     monkeypatch.delenv(ENV_ONLY)
     return registry
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one thread, so a busy test machine cannot stall OpenMP workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

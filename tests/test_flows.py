@@ -10,13 +10,7 @@ import torch
 from causalimg.mechanisms.flows import SplineFlow, SplineFlowConfig, causalimg_attribute_mechanisms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread, so a busy test machine cannot stall OpenMP workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("num_context", [0, 2])

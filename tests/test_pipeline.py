@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from causalimg.config.loader import load_config
 from causalimg.pipeline.stages import Pipeline, run_pipeline, segmentor_half
@@ -17,14 +16,9 @@ def registry():
     return load_registry()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a shared machine spinning threads
-    cost 20x (measured: 5 s with one thread, 2-4 min with two, at load 8 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks gain nothing from a second thread, and on a shared machine spinning threads cost
+# 20x (measured: 5 s with one thread, 2-4 min with two, at load 8 on 2 cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, registry, *overrides):

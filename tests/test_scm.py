@@ -13,13 +13,7 @@ from causalimg.errors import ConfigError, InterventionError
 from causalimg.mechanisms.flows import SplineFlow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread, so a busy test machine cannot stall OpenMP workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ShiftImage(nn.Module):
