@@ -118,7 +118,7 @@ class PhantomSource:
         return cls(config, partitioner, root)
 
     def __getstate__(self) -> dict:
-        """Data-loader workers reopen the memory maps instead of receiving their contents."""
+        """Data-loader workers reopen the cache files instead of receiving open handles."""
         return {**self.__dict__, "_cache": {}}
 
     # -- sizes and the cache -------------------------------------------------------------------
@@ -131,14 +131,14 @@ class PhantomSource:
         digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, spec], sort_keys=True).encode()).hexdigest()
         return self.root / f"phantom-{digest[:12]}"
 
-    def _split_arrays(self, split: Split) -> dict[str, np.ndarray]:
-        """The cached split as read-only memmaps, generated (streaming, atomically) on first use."""
+    def _split_arrays(self, split: Split) -> dict[str, "NpyRows"]:
+        """The cached split as row readers, generated (streaming, atomically) on first use."""
         if split not in self._cache:
             folder = self.cache_dir / f"{split}-{self.size(split)}"
             if not (folder / "done.json").exists():
                 self._generate_to(folder, split)
             try:  # np.load refuses pickles (allow_pickle=False): a tampered cache cannot run code
-                self._cache[split] = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in RENDERED}
+                self._cache[split] = {n: NpyRows(folder / f"{n}.npy") for n in RENDERED}
             except (OSError, ValueError) as err:
                 raise DataError(f"phantom cache {folder} is unreadable ({err}); delete it to regenerate") from None
         return self._cache[split]
@@ -276,7 +276,7 @@ class PhantomDataset(Dataset):
             raise IndexError(f"phantom {self.split_name} split has {len(self)} images; got index {index}")
         if self.source.config.cache:
             arrays = self.source._split_arrays(self.split_name)
-            r = Rendered(*(np.array(arrays[f][index : index + 1]) for f in RENDERED))
+            r = Rendered(*(arrays[f].row(index)[None] for f in RENDERED))
         else:
             r = self.source.render_indices(self.split_name, np.array([index]))
         masks = torch.from_numpy(render.soft_masks(r.fg)[0])  # (C, H, W)
@@ -289,6 +289,33 @@ class PhantomDataset(Dataset):
             "index": torch.tensor(index, dtype=torch.int64),
             "exogenous": torch.from_numpy(r.exogenous[0]),
         }
+
+
+class NpyRows:
+    """Rows of a cached .npy array read with positioned reads (``os.pread``).
+
+    A memory map would count every page it ever touched in the process's resident set (a paper-sized
+    epoch showed 11 GB per process); positioned reads leave those pages to the kernel's page cache,
+    so the data side's own memory stays at a few batches whatever the data set's size.
+    """
+
+    def __init__(self, path: Path):
+        header = np.load(path, mmap_mode="r")  # validates the header; refuses pickled object arrays
+        self.path, self.dtype, self.shape, self.offset = path, header.dtype, header.shape, header.offset
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        del header
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def row(self, index: int) -> np.ndarray:
+        """Row ``index`` as a fresh array of shape ``shape[1:]``."""
+        data = os.pread(self._fd, self.row_bytes, self.offset + index * self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise DataError(f"phantom cache {self.path} is truncated at row {index}; delete it to regenerate")
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:]).copy()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 @causalimg.hookimpl
