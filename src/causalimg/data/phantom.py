@@ -148,18 +148,20 @@ class PhantomSource:
         n = self.size(split)
         tag = f".tmp-{os.getpid()}"
         first = self.render_indices(split, np.arange(min(CHUNK, n)))
-        outs = {
-            name: np.lib.format.open_memmap(folder / f"{name}.npy{tag}", mode="w+", dtype=arr.dtype,
-                                            shape=(n, *arr.shape[1:]))
-            for name, arr in vars(first).items()
-        }  # fmt: skip
-        for start in range(0, n, CHUNK):
-            part = first if start == 0 else self.render_indices(split, np.arange(start, min(start + CHUNK, n)))
-            for name, arr in vars(part).items():
-                outs[name][start : start + len(arr)] = arr
-        for name, mm in outs.items():
-            mm.flush()
-            del mm
+        outs = {}  # appended chunk by chunk with plain writes: nothing of the split stays mapped in memory
+        for name, arr in vars(first).items():
+            outs[name] = open(folder / f"{name}.npy{tag}", "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": (n, *arr.shape[1:])}
+            np.lib.format.write_array_header_2_0(outs[name], header)
+        try:
+            for start in range(0, n, CHUNK):
+                part = first if start == 0 else self.render_indices(split, np.arange(start, min(start + CHUNK, n)))
+                for name, arr in vars(part).items():
+                    outs[name].write(np.ascontiguousarray(arr).tobytes())
+        finally:
+            for out in outs.values():
+                out.close()
+        for name in outs:
             os.replace(folder / f"{name}.npy{tag}", folder / f"{name}.npy")
         manifest = {"config": self.config.model_dump(mode="json"), "split": split, "size": n}
         (folder / f"done.json{tag}").write_text(json.dumps(manifest, indent=1))
