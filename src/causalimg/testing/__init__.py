@@ -1,5 +1,10 @@
 """Contract checks shipped for plugin authors: run them in your plugin's tests."""
 
-from causalimg.testing.contracts import check_data_source, check_partitioner
+from causalimg.testing.contracts import (
+    check_attribute_mechanism,
+    check_data_source,
+    check_image_mechanism,
+    check_partitioner,
+)
 
-__all__ = ["check_data_source", "check_partitioner"]
+__all__ = ["check_attribute_mechanism", "check_data_source", "check_image_mechanism", "check_partitioner"]

@@ -75,3 +75,53 @@ def check_data_source(source: DataSource, split: str = "train", n: int = 4) -> N
         assert torch.allclose(given, measured, rtol=1e-5, atol=1e-4), (
             f"item {i}: parents {given.tolist()} != variable_areas(masks, regions) {measured.tolist()}"
         )
+
+
+def check_image_mechanism(mechanism: torch.nn.Module, image_shape: tuple[int, int], num_parents: int, batch: int = 2) -> None:
+    """The ImageMechanism contract: per-image finite losses, exact null counterfactual, shapes, dtypes.
+
+    ``loss`` returns (B,) float tensors ``nelbo``, ``nll``, ``kl``; ``abduct`` then ``predict`` under
+    the same parents gives back x (the pixel noise is abducted exactly); ``predict``, ``sample``
+    return (B, 1, H, W) float32 in [-1, 1] on the parameters' device; eval-mode abduction is
+    deterministic at temperature 0.
+    """
+    h, w = image_shape
+    device = next(mechanism.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 1, h, w, generator=gen) * 2 - 1).to(device)
+    pa = (torch.rand(batch, num_parents, generator=gen) * 2 - 1).to(device)
+    mechanism.eval()
+    with torch.no_grad():
+        out = mechanism.loss(x, pa)
+        for key in ("nelbo", "nll", "kl"):
+            assert key in out, f"loss() must return {key!r}; got {sorted(out)}"
+            assert out[key].shape == (batch,), f"loss()[{key!r}] shape {tuple(out[key].shape)} != ({batch},)"
+            assert bool(torch.isfinite(out[key]).all()), f"loss()[{key!r}] is not finite"
+        exo = mechanism.abduct(x, pa, t=0.0)
+        again = mechanism.abduct(x, pa, t=0.0)
+        assert torch.equal(exo.noise, again.noise), "abduct() at t=0 in eval mode must be deterministic"
+        for image, name in ((mechanism.predict(exo, pa), "predict"), (mechanism.sample(pa, t=1.0), "sample")):
+            assert image.shape == (batch, 1, h, w), f"{name}() shape {tuple(image.shape)} != {(batch, 1, h, w)}"
+            assert image.dtype == torch.float32, f"{name}() dtype {image.dtype} != torch.float32"
+            assert image.device == device, f"{name}() returned {image.device}, parameters are on {device}"
+            assert float(image.min()) >= -1 and float(image.max()) <= 1, f"{name}() leaves [-1, 1]"
+        error = (mechanism.predict(exo, pa) - x).abs().max()
+        assert float(error) < 1e-4, f"predict(abduct(x, pa), pa) must give back x; max error {float(error):.2e}"
+
+
+def check_attribute_mechanism(mechanism: torch.nn.Module, num_context: int, batch: int = 64) -> None:
+    """The AttributeMechanism contract: inverse_map undoes forward_map, (B, 1) values, (B,) log_prob."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(batch, 1, generator=gen, dtype=torch.float64)
+    context = torch.randn(batch, num_context, generator=gen, dtype=torch.float64) if num_context else None
+    mechanism = mechanism.double().eval()
+    with torch.no_grad():
+        v = mechanism.forward_map(u, context)
+        assert v.shape == (batch, 1), f"forward_map() shape {tuple(v.shape)} != ({batch}, 1)"
+        back = mechanism.inverse_map(v, context)
+        assert back.shape == (batch, 1), f"inverse_map() shape {tuple(back.shape)} != ({batch}, 1)"
+        error = float((back - u).abs().max())
+        assert error < 1e-5, f"inverse_map(forward_map(u)) must give back u; max error {error:.2e}"
+        log_prob = mechanism.log_prob(v, context)
+        assert log_prob.shape == (batch,), f"log_prob() shape {tuple(log_prob.shape)} != ({batch},)"
+        assert bool(torch.isfinite(log_prob).all()), "log_prob() is not finite"
