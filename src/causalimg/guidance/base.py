@@ -13,6 +13,8 @@ penalised where nothing was asked to change.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import ClassVar, Literal
 
 import torch
@@ -61,7 +63,7 @@ def normalise_with(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) 
     return (values - low) / (high - low) * 2 - 1
 
 
-class MeasurementGuidance(GuidanceStrategy):
+class MeasurementGuidance(GuidanceStrategy, ABC):
     """Base of the built-ins: subclasses say what they measure and which predictor they need."""
 
     predictor_field: ClassVar[Literal["segmentor", "regressor"]]
@@ -85,17 +87,20 @@ class MeasurementGuidance(GuidanceStrategy):
     def term_name(self) -> str:
         return self.config.name  # type: ignore[attr-defined]
 
+    @abstractmethod
     def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         """(B, 1, H, W) image -> (B, M) normalised measurements read by the frozen predictor."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def target(self, parents: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         """(B, P) parents in data units -> (B, M) the normalised measurements they imply."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def touched(self, intervened: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         """(B, P) bool intervened variables -> (B, M) bool measurements the intervention targets."""
-        raise NotImplementedError
+        ...
 
     def forward(self, inputs: GuidanceInputs) -> dict[str, torch.Tensor]:
         pred = self.measure(inputs.cf_image, inputs)  # (B, M), differentiable in x~
