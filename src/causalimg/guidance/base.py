@@ -14,7 +14,6 @@ penalised where nothing was asked to change.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from typing import ClassVar, Literal
 
 import torch
