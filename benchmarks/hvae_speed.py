@@ -9,6 +9,11 @@ model is executed, never what it computes:
   fp32-cl          + channels_last
   bf16-cl          + bf16 autocast
   bf16-cl-ckpt     + activation checkpointing (memory)
+  bf16-cl-tcmalloc bf16-cl with gperftools' tcmalloc preloaded (LD_PRELOAD) instead of glibc malloc
+  bf16-cl-ckpt-tcmalloc   the same with activation checkpointing
+
+The tcmalloc modes need libtcmalloc_minimal (Debian/Ubuntu: `apt install libtcmalloc-minimal4`);
+they exit with a message naming the package when it is missing.
 
 Usage:
   python benchmarks/hvae_speed.py                  # full table -> benchmarks/results/hvae_speed.{json,md}
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -29,15 +35,17 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("fp32", "fp32-malloc", "fp32-cl", "bf16-cl", "bf16-cl-ckpt")
+MODES = ("fp32", "fp32-malloc", "fp32-cl", "bf16-cl", "bf16-cl-ckpt", "bf16-cl-tcmalloc", "bf16-cl-ckpt-tcmalloc")
+TCMALLOC = "libtcmalloc_minimal.so.4"
 RESULTS = Path(__file__).parent / "results"
 # what the full table measures: paper at 64 x 384 without checkpointing needs ~15-20 GiB, so only the
 # checkpointed modes run there (the machine is shared and has 23 GiB)
 DEFAULT_RUNS = [
     *(f"cpu:32x192:{m}" for m in MODES),
     *(f"cpu:64x384:{m}" for m in ("fp32-malloc", "bf16-cl")),
-    *(f"paper:32x192:{m}" for m in ("fp32-malloc", "bf16-cl", "bf16-cl-ckpt")),
+    *(f"paper:32x192:{m}" for m in ("fp32-malloc", "bf16-cl", "bf16-cl-ckpt", "bf16-cl-tcmalloc")),
     "paper:64x384:bf16-cl-ckpt",
+    "paper:64x384:bf16-cl-ckpt-tcmalloc",
 ]
 
 
@@ -48,6 +56,22 @@ def keep_malloc_arenas() -> None:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 40)
+
+
+def child_env(mode: str) -> dict[str, str]:
+    """The environment of one measurement: tcmalloc modes preload it into the child process."""
+    env = dict(os.environ)
+    if mode.endswith("tcmalloc"):
+        if ctypes.util.find_library("tcmalloc_minimal") is None:
+            raise SystemExit(f"mode {mode!r} needs {TCMALLOC} (apt install libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = TCMALLOC
+    return env
+
+
+def allocator() -> str:
+    """Which malloc this process runs on, read from its own memory maps."""
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    return next((name for name in ("tcmalloc", "jemalloc") if name in maps), "glibc")
 
 
 def parse_run(run: str) -> tuple[str, tuple[int, int], str]:
@@ -64,7 +88,7 @@ def build(preset: str, shape: tuple[int, int], mode: str, batch: int):
     from causalimg.mechanisms.hvae import HVAE, HVAEConfig
 
     torch.manual_seed(0)
-    config = HVAEConfig(preset=preset, checkpointing=mode.endswith("ckpt"))
+    config = HVAEConfig(preset=preset, checkpointing="-ckpt" in mode)
     model = HVAE.from_config(config, image_shape=shape, num_parents=9)
     fmt = torch.channels_last if "-cl" in mode else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -87,7 +111,7 @@ def build(preset: str, shape: tuple[int, int], mode: str, batch: int):
 
 def measure(run: str, steps: int, warmup: int, batch: int) -> dict:
     preset, shape, mode = parse_run(run)
-    if mode != "fp32":
+    if mode != "fp32" and not mode.endswith("tcmalloc"):
         keep_malloc_arenas()
     import torch
 
@@ -104,13 +128,14 @@ def measure(run: str, steps: int, warmup: int, batch: int) -> dict:
         "img_per_s": round(batch * steps / dt, 2),
         "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "final_loss": round(losses[-1], 4),
+        "allocator": allocator(),
         "load_1m": round(os.getloadavg()[0], 1),  # other processes on the machine during the run
     }  # fmt: skip
 
 
 def profile(run: str, batch: int) -> None:
     preset, shape, mode = parse_run(run)
-    if mode != "fp32":
+    if mode != "fp32" and not mode.endswith("tcmalloc"):
         keep_malloc_arenas()
     import torch
     from torch.profiler import ProfilerActivity
@@ -133,13 +158,13 @@ def write(results: list[dict]) -> None:
         "",
         "Written by `python benchmarks/hvae_speed.py`. Modes change execution, not the model.",
         "",
-        "| preset | input | mode | params (M) | img/s | peak RSS (GiB) | load avg (1 min) |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | input | mode | params (M) | img/s | peak RSS (GiB) | allocator | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['preset']} | {r['input']} | {r['mode']} | {r['params_M']} | {r['img_per_s']} "
-            f"| {r['peak_rss_GiB']} | {r.get('load_1m', '')} |"
+            f"| {r['peak_rss_GiB']} | {r.get('allocator', '')} | {r.get('load_1m', '')} |"
         )
     (RESULTS / "hvae_speed.md").write_text("\n".join(lines) + "\n")
 
@@ -163,7 +188,7 @@ def main() -> None:
     for run in args.only or DEFAULT_RUNS:
         cmd = [sys.executable, __file__, "--child", run, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch", str(args.batch)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(parse_run(run)[2]))
         if out.returncode:
             raise SystemExit(f"{run} failed:\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
