@@ -240,3 +240,41 @@ def test_the_evaluation_segmentor_cannot_reach_training() -> None:
     assert list(inspect.signature(build_strategies).parameters) == ["terms", "registry", "predictors"]
     for spec in load_registry().specs("guidance").values():
         assert list(inspect.signature(spec.factory).parameters) == ["config", "predictors"]
+
+
+def test_gradient_temperature_keeps_the_areas_and_tempers_only_the_gradient():
+    from causalimg.guidance.base import class_probabilities
+
+    logits = (torch.randn(2, NUM_CLASSES, 4, 6) * 8).requires_grad_(True)
+    weights = torch.randn(2, NUM_CLASSES, 4, 6)
+    plain = class_probabilities(logits, 1.0)
+    tempered = class_probabilities(logits, 4.0)
+    torch.testing.assert_close(tempered, plain)  # the measured areas do not change
+    (grad_tempered,) = torch.autograd.grad((tempered * weights).sum(), logits)
+    (grad_soft,) = torch.autograd.grad(((logits / 4.0).softmax(1) * weights).sum(), logits)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    torch.testing.assert_close(grad_tempered, grad_soft)
+    assert not torch.allclose(grad_tempered, grad_plain)
+
+
+@pytest.mark.parametrize("name", ["segmentor", "positional-segmentor"])
+def test_gradient_temperature_reaches_pixels_a_confident_segmentor_ignores(name: str) -> None:
+    """Background pixels (p(calcified) ~ 0) get a gradient towards more calcium only when tempered."""
+    cf = scene([2, 3])
+    wanted = truth(cf)
+    wanted[:, 1] += 3.0  # ask for more calcium mid
+    background = render(cf) == LEVELS[0]
+    grads = {}
+    for temperature in (1.0, 50.0):
+        seg = IntensitySegmentor()
+        strategy = {
+            "segmentor": SegmentorGuidance(SegmentorGuidanceConfig(gradient_temperature=temperature), seg),
+            "positional-segmentor": PositionalSegmentorGuidance(
+                PositionalSegmentorGuidanceConfig(gradient_temperature=temperature), seg
+            ),
+        }[name]
+        inputs = inputs_for(cf, wanted)
+        strategy(inputs)[name].backward()
+        grads[temperature] = inputs.cf_image.grad
+    assert grads[1.0][background].abs().max() < 1e-20
+    assert grads[50.0][background].abs().max() > 1e-6

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 from einops import reduce
-from pydantic import NonNegativeFloat
+from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from causalimg.config.base import StrictModel
@@ -35,6 +35,28 @@ class GuidanceConfig(StrictModel):
     weight: NonNegativeFloat = 1.0
     loss: Literal["l1", "l2"] = "l2"
     soft_labels: bool = False
+
+
+class SoftAreaGuidanceConfig(GuidanceConfig):
+    """Options of the strategies that read soft areas off a frozen segmentor."""
+
+    # > 1: gradients of the areas come from softmax(logits / T), values stay those of softmax(logits)
+    gradient_temperature: PositiveFloat = 1.0
+
+
+def class_probabilities(logits: torch.Tensor, gradient_temperature: float = 1.0) -> torch.Tensor:
+    """(B, C, H, W) segmentor logits -> class probabilities whose backward pass is tempered.
+
+    A confident segmentor's softmax is flat almost everywhere (p(1 - p) ~ 0), so a pixel far from a
+    class gets no gradient towards it: growing a structure where there is none is slow. With
+    T > 1 the value is unchanged (the measured area is the plain soft area) and the gradient is
+    that of the softer softmax(logits / T), a straight-through estimator.
+    """
+    probs = logits.softmax(dim=1)
+    if gradient_temperature == 1.0:
+        return probs
+    soft = (logits / gradient_temperature).softmax(dim=1)
+    return soft + (probs - soft).detach()
 
 
 def measurement_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

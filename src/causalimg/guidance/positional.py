@@ -19,11 +19,17 @@ import causalimg
 from causalimg.core.guidance import GuidanceInputs
 from causalimg.core.regions import variable_areas
 from causalimg.errors import ConfigError
-from causalimg.guidance.base import GuidanceConfig, MeasurementGuidance, area_indices, normalise_with
+from causalimg.guidance.base import (
+    MeasurementGuidance,
+    SoftAreaGuidanceConfig,
+    area_indices,
+    class_probabilities,
+    normalise_with,
+)
 from causalimg.plugins.specs import GuidanceSpec
 
 
-class PositionalSegmentorGuidanceConfig(GuidanceConfig):
+class PositionalSegmentorGuidanceConfig(SoftAreaGuidanceConfig):
     name: Literal["positional-segmentor"] = "positional-segmentor"
 
 
@@ -36,7 +42,7 @@ class PositionalSegmentorGuidance(MeasurementGuidance):
                 f"{inputs.regions.shape[1]} region masks but {len(inputs.region_names)} region names "
                 f"{list(inputs.region_names)}"
             )
-        probs = self.predictor(image).softmax(dim=1)  # (B, C, H, W)
+        probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
         areas = variable_areas(probs, inputs.regions, inputs.pixel_area_mm2)  # (B, S*K) mm^2
         idx = area_indices(inputs.transform, inputs.region_names)
         return normalise_with(areas, inputs.transform.low[idx], inputs.transform.high[idx])

@@ -19,11 +19,17 @@ import causalimg
 from causalimg.core.guidance import GuidanceInputs
 from causalimg.core.regions import variable_areas
 from causalimg.core.variables import STRUCTURES
-from causalimg.guidance.base import GuidanceConfig, MeasurementGuidance, area_indices, normalise_with
+from causalimg.guidance.base import (
+    MeasurementGuidance,
+    SoftAreaGuidanceConfig,
+    area_indices,
+    class_probabilities,
+    normalise_with,
+)
 from causalimg.plugins.specs import GuidanceSpec
 
 
-class SegmentorGuidanceConfig(GuidanceConfig):
+class SegmentorGuidanceConfig(SoftAreaGuidanceConfig):
     name: Literal["segmentor"] = "segmentor"
 
 
@@ -43,7 +49,7 @@ class SegmentorGuidance(MeasurementGuidance):
         return normalise_with(areas, low, high)
 
     def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
-        probs = self.predictor(image).softmax(dim=1)  # (B, C, H, W)
+        probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
         whole = torch.ones(1, 1, *image.shape[-2:], dtype=probs.dtype, device=probs.device)
         areas = variable_areas(probs, whole, inputs.pixel_area_mm2)  # (B, S) mm^2
         return self._normalise(areas, inputs)
