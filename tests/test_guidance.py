@@ -278,3 +278,20 @@ def test_gradient_temperature_reaches_pixels_a_confident_segmentor_ignores(name:
         grads[temperature] = inputs.cf_image.grad
     assert grads[1.0][background].abs().max() < 1e-20
     assert grads[50.0][background].abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", ["regressor", "segmentor", "positional-segmentor"])
+def test_untouched_loss_applies_only_where_the_intervention_does_not_reach(name: str) -> None:
+    cf = scene([2, 3, 10, 11])
+    wanted = truth(cf)
+    wanted[:, 1] += 2.0  # calcium mid: the intervened variable
+    wanted[:, 7] += 1.0  # lumen mid drifted a little: untouched
+    intervened = torch.zeros_like(wanted, dtype=torch.bool)
+    intervened[:, 1] = True
+    inputs = inputs_for(cf, wanted, intervened=intervened)
+    same = {kind: num(all_strategies(loss=kind)[name](inputs)[name]) for kind in ("l1", "l2")}
+    mixed = num(all_strategies(loss="l2", untouched_loss="l1")[name](inputs)[name])
+    assert num(all_strategies(loss="l2", untouched_loss="l2")[name](inputs)[name]) == pytest.approx(same["l2"])
+    assert mixed != pytest.approx(same["l2"]) and mixed != pytest.approx(same["l1"])
+    if name == "positional-segmentor":  # two errors of 2/8*2 = 0.5 (touched) and 1/20*2 = 0.1 (untouched)
+        assert mixed == pytest.approx(0.5**2 + 0.1, rel=1e-4)

@@ -34,6 +34,9 @@ class GuidanceConfig(StrictModel):
 
     weight: NonNegativeFloat = 1.0
     loss: Literal["l1", "l2"] = "l2"
+    # d for the measurements the intervention does not target (None: ``loss``); l1 keeps a firm
+    # pull on small drifts where l2's vanishes
+    untouched_loss: Literal["l1", "l2"] | None = None
     soft_labels: bool = False
 
 
@@ -61,9 +64,13 @@ def class_probabilities(logits: torch.Tensor, gradient_temperature: float = 1.0)
 
 def measurement_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """(B, M) predictions and targets -> scalar: summed over measurements, averaged over the batch."""
+    return reduce(measurement_errors(pred, target, kind), "b m -> b", "sum").mean()
+
+
+def measurement_errors(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, M) elementwise d: |.| (l1) or (.)^2 (l2)."""
     diff = pred - target
-    error = diff.abs() if kind == "l1" else diff.square()
-    return reduce(error, "b m -> b", "sum").mean()
+    return diff.abs() if kind == "l1" else diff.square()
 
 
 def area_indices(transform: VariableTransform, region_names: tuple[str, ...]) -> torch.Tensor:
@@ -124,11 +131,19 @@ class MeasurementGuidance(GuidanceStrategy, ABC):
         ...
 
     def forward(self, inputs: GuidanceInputs) -> dict[str, torch.Tensor]:
+        config = self.config
         pred = self.measure(inputs.cf_image, inputs)  # (B, M), differentiable in x~
         target = self.target(inputs.cf_parents, inputs)  # (B, M)
-        if self.config.soft_labels:
+        touched = self.touched(inputs.intervened, inputs)  # (B, M) bool
+        if config.soft_labels:
             with torch.no_grad():
                 reading = self.measure(inputs.image, inputs)
                 shift = target - self.target(inputs.parents, inputs)
-            target = torch.where(self.touched(inputs.intervened, inputs), target, reading + shift)
-        return {self.term_name: self.config.weight * measurement_loss(pred, target.detach(), self.config.loss)}
+            target = torch.where(touched, target, reading + shift)
+        target = target.detach()
+        if config.untouched_loss is None or config.untouched_loss == config.loss:
+            return {self.term_name: config.weight * measurement_loss(pred, target, config.loss)}
+        errors = torch.where(
+            touched, measurement_errors(pred, target, config.loss), measurement_errors(pred, target, config.untouched_loss)
+        )  # (B, M)
+        return {self.term_name: config.weight * reduce(errors, "b m -> b", "sum").mean()}
