@@ -53,3 +53,25 @@ def test_kill_9_twice_at_random_points_then_resume_is_bit_identical(tmp_path):
     assert landed[0] is not None, "the first kill came after the run ended"
     run_to_end(command("tiny", run_dir, OVERRIDES, resume=True), TIMEOUT)
     assert compare(reference, run_dir) == []
+
+
+def test_sigterm_stops_the_run_like_ctrl_c_and_leaves_it_resumable(tmp_path):
+    """A scheduler's SIGTERM: one line on stderr, exit 130, no traceback, and --resume accepts the run."""
+    import signal
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    argv = command("tiny", run_dir, OVERRIDES, resume=False)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "running" in line:  # inside the first stage
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, stderr
+    assert "causalimg.run: interrupted" in stderr and "Traceback" not in stderr
+    resumed = subprocess.run([*command("tiny", run_dir, OVERRIDES, resume=True), "--dry-run"], capture_output=True,
+                             text=True, timeout=TIMEOUT)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr

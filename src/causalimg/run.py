@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -113,8 +114,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's pre-emption, ``kill``, ``timeout``) ends the run like Ctrl-C: the
+    current stage stops where it is, every rank's exit path runs, and ``--resume`` continues from
+    the last checkpoint; the default action would end the process with no message."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupt_on_sigterm()
     return report_errors(lambda: run(args), prog="causalimg.run")
 
 
