@@ -31,32 +31,11 @@ from torch.utils.data import DataLoader
 
 from causalimg.data.phantom import PhantomConfig, PhantomSource
 from causalimg.regions.axial import AxialPartitioner
+from proc_memory import children, status
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024**3
 BAR_GB = 4.0
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon and RssFile of one process in bytes (empty if it has exited)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "PPid"):
-            out[key] = int(value.split()[0]) * (1 if key == "PPid" else 1024)
-    return out
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and status(int(entry)).get("PPid") == pid:
-            found.append(int(entry))
-    return found
 
 
 class PeakMemory:

@@ -41,19 +41,10 @@ from causalimg.regions.axial import AxialPartitioner
 from causalimg.training.accelerator import finish, make_accelerator
 from causalimg.training.finetune import CounterfactualFineTuning, build_strategies, finetune_objective
 from causalimg.training.loop import fit
+from proc_memory import resident
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1024 * 1024
-
-
-def memory() -> dict[str, int]:
-    """Resident memory of this process in bytes: total, anonymous (heap) and file-backed."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
 
 
 def build(root: Path, seed: int) -> tuple[CounterfactualFineTuning, Any]:
@@ -91,7 +82,7 @@ def soak(steps: int, size: int, warmup: int, batch_size: int, threads: int, work
         """The real objective; records the time since the previous step began and memory."""
         now = time.perf_counter()
         if step > 0:
-            records.append({"step": step - 1, "seconds": now - last[0], **memory()})
+            records.append({"step": step - 1, "seconds": now - last[0], **resident()})
         last[0] = now
         return finetune_objective(model, batch, step)
 
