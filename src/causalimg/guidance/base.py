@@ -5,6 +5,9 @@ and derives the same measurements from parents, t(pa). The loss is
 
     L = weight * mean_b sum_m  d(m(x~)_bm, t(pa~)_bm),    d = |.| (l1) or (.)^2 (l2)
 
+where d is ``loss`` for the measurements the intervention targets and ``untouched_loss``
+(default: ``loss``) for the others.
+
 With ``soft_labels`` the measurements not touched by the intervention take the predictor's own
 reading of the factual image as their target, shifted by whatever the SCM changed downstream:
 t_bm = m(x)_bm + t(pa~)_bm - t(pa)_bm, so a predictor's bias on the factual image is not
@@ -60,11 +63,6 @@ def class_probabilities(logits: torch.Tensor, gradient_temperature: float = 1.0)
         return probs
     soft = (logits / gradient_temperature).softmax(dim=1)
     return soft + (probs - soft).detach()
-
-
-def measurement_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B, M) predictions and targets -> scalar: summed over measurements, averaged over the batch."""
-    return reduce(measurement_errors(pred, target, kind), "b m -> b", "sum").mean()
 
 
 def measurement_errors(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -141,9 +139,10 @@ class MeasurementGuidance(GuidanceStrategy, ABC):
                 shift = target - self.target(inputs.parents, inputs)
             target = torch.where(touched, target, reading + shift)
         target = target.detach()
-        if config.untouched_loss is None or config.untouched_loss == config.loss:
-            return {self.term_name: config.weight * measurement_loss(pred, target, config.loss)}
         errors = torch.where(
-            touched, measurement_errors(pred, target, config.loss), measurement_errors(pred, target, config.untouched_loss)
+            touched,
+            measurement_errors(pred, target, config.loss),
+            measurement_errors(pred, target, config.untouched_loss or config.loss),
         )  # (B, M)
+        # summed over measurements, averaged over the batch
         return {self.term_name: config.weight * reduce(errors, "b m -> b", "sum").mean()}
