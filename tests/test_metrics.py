@@ -12,16 +12,18 @@ from causalimg.core.variables import NUM_CLASSES, STRUCTURES, variable_names
 from causalimg.metrics.base import (
     EvalContext,
     EvalInfo,
+    collect_rows,
     evaluate,
     intervention_targets,
     mean_ci,
     t_quantile_975,
 )
 from causalimg.metrics.composition import Composition
-from causalimg.metrics.effectiveness import Effectiveness
+from causalimg.metrics.effectiveness import Effectiveness, per_image_errors
 from causalimg.metrics.ground_truth import GroundTruth
 from causalimg.metrics.realism import Realism, frechet_distance
 from causalimg.metrics.reversibility import Reversibility
+from causalimg.report.paired import paired_differences, paired_findings, paired_table
 
 REGIONS = ("proximal", "mid", "distal")
 NAMES = variable_names(REGIONS)
@@ -225,7 +227,7 @@ def test_gatherer_sees_every_column_of_every_batch():
 
     gatherer = Recording()
     evaluate({"eff": Effectiveness()}, Perfect(), batches(n=8), make_context, INFO, gatherer)
-    assert gatherer.shapes == [(4, 9, 9), (4, 9), (4, 9, 9), (4, 9)]
+    assert gatherer.shapes == [(4,), (4, 9, 9), (4, 9), (4,), (4, 9, 9), (4, 9)]  # index, then the rows
 
 
 def test_mean_ci_matches_a_hand_computed_t_interval():
@@ -278,3 +280,54 @@ def test_parents_beyond_the_area_variables_are_carried_but_not_scored():
     out = evaluate({"eff": Effectiveness(), "rev": Reversibility()}, PerfectWithAge(), with_age, context, info)
     assert set(out["eff"]["cells"]) == set(NAMES) and out["eff"]["intervened"] <= 0.5
     assert out["rev"]["l1"]["mean"] <= 1.0
+
+
+def flat_rows(model, n: int = 12, order=None) -> dict[str, torch.Tensor]:
+    """A strategy's rows as the evaluate stage stores them; ``order`` permutes the images."""
+    data = batches(n=n)
+    if order is not None:
+        data = [{k: v[order] for k, v in merge(data).items()}]
+    index, rows = collect_rows({"effectiveness": Effectiveness(), "ground-truth": GroundTruth()}, model, data, make_context)
+    return {"index": index, **{f"{m}/{c}": v for m, columns in rows.items() for c, v in columns.items()}}
+
+
+def merge(data):
+    return {k: torch.cat([b[k] for b in data]) for k in data[0]}
+
+
+def test_collect_rows_keeps_image_indices_in_the_order_of_the_rows():
+    index, rows = collect_rows({"eff": Effectiveness()}, Perfect(), batches(n=10, batch_size=4), make_context)
+    assert torch.equal(index, torch.arange(10))
+    assert rows["eff"]["abs_error"].shape == (10, 9, 9)
+
+
+def test_per_image_errors_average_to_the_headline_numbers():
+    out = run(Leaky(), {"eff": Effectiveness()})["eff"]
+    _, rows = collect_rows({"eff": Effectiveness()}, Leaky(), batches(), make_context)
+    per_image = per_image_errors(rows["eff"]["abs_error"], len(REGIONS))
+    assert float(per_image["intervened"].mean()) == pytest.approx(out["intervened"], abs=1e-5)
+    assert float(per_image["off_target"].mean()) == pytest.approx(out["off_target"], abs=1e-5)
+
+
+def test_paired_differences_tell_a_leaky_generator_from_a_perfect_one_whatever_the_image_order():
+    perfect, leaky = flat_rows(Perfect()), flat_rows(Leaky(), order=torch.randperm(12, generator=torch.Generator().manual_seed(1)))
+    differences = paired_differences({"perfect": perfect, "leaky": leaky}, len(REGIONS))
+    assert {d["measured_by"] for d in differences} == {"evaluation segmentor", "true counterfactual"}
+    by_segmentor = next(d for d in differences if d["measured_by"] == "evaluation segmentor")
+    assert (by_segmentor["later"], by_segmentor["earlier"]) == ("leaky", "perfect")
+    assert by_segmentor["off_target"]["mean"] > by_segmentor["off_target"]["ci95"] > 0  # leaky leaks, clearly
+    assert by_segmentor["intervened"]["mean"] == pytest.approx(0.0, abs=1e-6)  # both hit the intervened region
+    assert by_segmentor["off_target"]["n"] == 12
+    table = paired_table(differences).markdown()
+    assert "leaky - perfect" in table and "**" in table
+    perfect_first = paired_findings(differences, "perfect", "leaky")[0]
+    assert "off-target -" in perfect_first and "(lower)" in perfect_first
+    assert "intervened +0.00" in perfect_first or "intervened -0.00" in perfect_first
+    assert "no clear difference" in perfect_first
+
+
+def test_paired_differences_pair_only_the_images_both_runs_evaluated():
+    full, part = flat_rows(Leaky(), n=12), flat_rows(Leaky(), n=8)
+    differences = paired_differences({"a": full, "b": part}, len(REGIONS))
+    assert differences[0]["off_target"]["n"] == 8
+    assert differences[0]["off_target"]["mean"] == pytest.approx(0.0, abs=1e-6)

@@ -52,9 +52,11 @@ def test_tiny_run_end_to_end_then_skip_then_redo_one_strategy(tmp_path, registry
         "pretrain", *(f"{stage}/{label}" for label in labels for stage in ("finetune", "evaluate")), "report",
     ]  # fmt: skip
     report = tmp_path / "run" / "report"
-    for name in ("table1.md", "table1.csv", "table1_ground_truth.md", "summary.md", "figure1.png", "report.html"):
+    for name in ("table1.md", "table1.csv", "table1_ground_truth.md", "summary.md", "paired.md", "figure1.png", "report.html"):
         assert (report / name).is_file(), name
     results = json.loads((report / "results.json").read_text())
+    pairs = {(d["later"], d["earlier"]) for d in results["paired"]}
+    assert len(pairs) == len(labels) * (len(labels) - 1) // 2  # every pair, later minus earlier in config order
     for label in labels:
         metrics = results["strategies"][label]
         assert {"effectiveness", "ground-truth", "composition", "reversibility", "realism"} <= set(metrics)

@@ -221,6 +221,37 @@ class Gatherer(Protocol):
     def gather_for_metrics(self, value: Any) -> Any: ...
 
 
+def collect_rows(
+    metrics: Mapping[str, Metric],
+    model: CounterfactualModel,
+    batches: Iterable[Mapping[str, Any]],
+    make_context: Callable[[Mapping[str, Any]], EvalContext],
+    gatherer: Gatherer | None = None,
+) -> tuple[torch.Tensor, dict[str, Rows]]:
+    """Run every metric on every batch and gather its rows across processes.
+
+    Returns the image indices (N,) and, per metric, its rows with N on the first axis in the same
+    order, so rows of two runs on the same test images can be paired image by image.
+    With Accelerate, ``batches`` is a prepared data loader and ``gatherer`` the accelerator.
+    """
+    gather = gatherer.gather_for_metrics if gatherer is not None else (lambda value: value)
+    indices: list[torch.Tensor] = []
+    collected: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in metrics}
+    for batch in batches:
+        context = make_context(batch)
+        indices.append(gather(torch.as_tensor(batch["index"]).contiguous()).cpu())
+        for name, metric in metrics.items():
+            for column, value in metric(model, batch, context).items():
+                collected[name].setdefault(column, []).append(gather(value.detach().float().contiguous()).cpu())
+    rows = {name: {column: torch.cat(parts) for column, parts in columns.items()} for name, columns in collected.items()}
+    return (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)), rows
+
+
+def summarise(metrics: Mapping[str, Metric], rows: Mapping[str, Rows], info: EvalInfo) -> dict[str, dict[str, Any]]:
+    """Every metric's JSON-able summary of its gathered rows."""
+    return {name: metric.aggregate(dict(rows[name]), info) for name, metric in metrics.items()}
+
+
 def evaluate(
     metrics: Mapping[str, Metric],
     model: CounterfactualModel,
@@ -231,21 +262,7 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
     """Run every metric on every batch, gather rows across processes, aggregate.
 
-    With Accelerate, ``batches`` is a prepared data loader and ``gatherer`` the accelerator; each
-    rank computes rows for its shard and every rank ends with the same summaries.
+    Every rank computes rows for its shard and ends with the same summaries.
     """
-    collected: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in metrics}
-    for batch in batches:
-        context = make_context(batch)
-        for name, metric in metrics.items():
-            rows = metric(model, batch, context)
-            for column, value in rows.items():
-                value = value.detach().float().contiguous()
-                if gatherer is not None:
-                    value = gatherer.gather_for_metrics(value)
-                collected[name].setdefault(column, []).append(value.cpu())
-    summaries = {}
-    for name, metric in metrics.items():
-        rows = {column: torch.cat(parts) for column, parts in collected[name].items()}
-        summaries[name] = metric.aggregate(rows, info)
-    return summaries
+    _, rows = collect_rows(metrics, model, batches, make_context, gatherer)
+    return summarise(metrics, rows, info)

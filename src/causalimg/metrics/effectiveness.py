@@ -22,6 +22,28 @@ class EffectivenessConfig(StrictModel):
     name: Literal["effectiveness"] = "effectiveness"
 
 
+def error_masks(num_variables: int, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_do, P_measured) bool masks: the intervened variable itself, and its structure's regions."""
+    eye = torch.eye(num_variables, dtype=torch.bool)
+    same = torch.zeros_like(eye)
+    for i in range(num_variables):
+        same[i, list(same_structure(i, num_regions))] = True
+    return eye, same
+
+
+def per_image_errors(errors: torch.Tensor, num_regions: int) -> dict[str, torch.Tensor]:
+    """Per-image headline errors from (N, P_do, P_measured): ``intervened`` and ``off_target``, (N,) each.
+
+    Where no value is missing, the mean over images of the paired differences of two strategies is
+    the difference of their ``error_summary`` headlines.
+    """
+    eye, same = error_masks(errors.shape[1], num_regions)
+    return {
+        "intervened": errors[:, eye].nanmean(1),
+        "off_target": errors[:, same & ~eye].nanmean(1) if num_regions > 1 else torch.full(errors.shape[:1], torch.nan),
+    }
+
+
 def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
     """Summaries of per-image errors (N, P_do, P_measured) in the layout of Table 1.
 
@@ -34,10 +56,7 @@ def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
         do: {measured: mean_ci(errors[:, i, j]) for j, measured in enumerate(names)} for i, do in enumerate(names)
     }
     per_do = errors.nanmean(0)  # (P_do, P_measured); NaN rows: no ground truth for that image
-    eye = torch.eye(len(names), dtype=torch.bool)
-    same = torch.zeros_like(eye)
-    for i in range(len(names)):
-        same[i, list(same_structure(i, k))] = True
+    eye, same = error_masks(len(names), k)
     return {
         "cells": cells,
         "intervened": float(per_do[eye].nanmean()),

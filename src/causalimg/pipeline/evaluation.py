@@ -18,12 +18,14 @@ from torch.utils.data import DataLoader, Subset
 from causalimg.config.sections import TrainConfig
 from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name, variable_names
 from causalimg.errors import InterventionError
-from causalimg.metrics.base import DSCMCounterfactuals, EvalContext, EvalInfo, TrueCounterfactual, evaluate
+from causalimg.metrics.base import DSCMCounterfactuals, EvalContext, EvalInfo, TrueCounterfactual, collect_rows, summarise
 from causalimg.pipeline.stage import StageContext, atomic_path, atomic_write_json
 from causalimg.training.accelerator import make_accelerator
 
 METRICS_FILE = "metrics.json"
 FIGURE_FILE = "figure.safetensors"
+ROWS_FILE = "rows.safetensors"  # every metric's per-image rows, "<metric>/<column>", and "index"
+EVALUATION_OUTPUTS = (METRICS_FILE, FIGURE_FILE, ROWS_FILE)  # in the stage's hash: a version writing more redoes it
 FIGURE_CHANGE_MM2 = 20.0  # Figure 1: do(CPA-region := CPA-region + 20 mm^2), clipped to the support
 FIGURE_STRUCTURE = next(s for s in STRUCTURES if s.label == CALCIFIED)
 
@@ -101,7 +103,7 @@ def figure_titles(figure: Mapping[str, torch.Tensor], region_names: tuple[str, .
 def evaluate_strategy(
     dscm: Any, evaluation_segmentor: torch.nn.Module, source: Any, config: Any, registry: Any, ctx: StageContext, seed: int
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` and ``figure.safetensors``; returns the headline numbers."""
+    """Write ``metrics.json``, ``rows.safetensors`` and ``figure.safetensors``; returns the headline numbers."""
     accelerator = make_accelerator(TrainConfig(), ctx.dir)
     device = accelerator.device
     dscm.to(device).eval()
@@ -130,9 +132,13 @@ def evaluate_strategy(
         return EvalContext(info, dscm.transform, batch["regions"], pixel_area, segment, features, truth, seed=seed)
 
     model = DSCMCounterfactuals(dscm, config.finetune.temperature)
-    summaries = evaluate(metrics, model, loader, make_context, info, gatherer=accelerator)
+    indices, rows = collect_rows(metrics, model, loader, make_context, gatherer=accelerator)
+    summaries = summarise(metrics, rows, info)
     if accelerator.is_main_process:
         atomic_write_json(ctx.dir / METRICS_FILE, {"num_images": n, "metrics": summaries})
+        flat = {f"{name}/{column}": value.contiguous() for name, columns in rows.items() for column, value in columns.items()}
+        with atomic_path(ctx.dir / ROWS_FILE) as tmp:
+            save_file({"index": indices.long().contiguous(), **flat}, str(tmp))
         first = next(iter(DataLoader(Subset(test, range(min(n, 32))), batch_size=32)))
         first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
         with torch.no_grad():

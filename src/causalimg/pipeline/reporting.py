@@ -1,8 +1,9 @@
 """The report stage: Table 1 (evaluation segmentor and ground truth), the summary, Figure 1, HTML.
 
-Reads ``evaluate/<label>/metrics.json`` and ``figure.safetensors`` of every strategy and writes,
-in the report folder: table1.md/.csv, table1_ground_truth.md/.csv, summary.md/.csv,
-figure1.png, intervened_error.png, results.json and report.html (self-contained).
+Reads ``evaluate/<label>/metrics.json``, ``rows.safetensors`` and ``figure.safetensors`` of every
+strategy and writes, in the report folder: table1.md/.csv, table1_ground_truth.md/.csv,
+summary.md/.csv, paired.md/.csv, figure1.png, intervened_error.png, results.json and report.html
+(self-contained).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any, Sequence
 from safetensors.torch import load_file
 
 from causalimg.core.variables import variable_names
-from causalimg.pipeline.evaluation import FIGURE_FILE, METRICS_FILE, figure_titles
+from causalimg.pipeline.evaluation import FIGURE_FILE, METRICS_FILE, ROWS_FILE, figure_titles
 from causalimg.pipeline.stage import DONE, ProcessGroup, atomic_write_json, atomic_write_text, read_json
 from causalimg.report.figures import error_bars, figure1
 from causalimg.report.html import write_report
+from causalimg.report.paired import paired_differences, paired_findings, paired_table
 from causalimg.report.tables import PAPER_ORDER, Cell, Table, intervention_table, ordering_count, summary_table
 
 
@@ -88,11 +90,17 @@ def write_run_report(
         if scored:
             tables.append((name, intervention_table(scored, variables, regions, title)))
     tables.append(("summary", summary_table(results)))
+    rows = {label: load_file(str(run_dir / "evaluate" / label / ROWS_FILE)) for label in labels}
+    differences = paired_differences(rows, len(regions))
+    if differences:
+        tables.append(("paired", paired_table(differences)))
     headline = {
         label: {m: {k: r[m][k] for k in ("intervened", "off_target") if k in r.get(m, {})} for m in ("effectiveness", "ground-truth") if m in r}
         for label, r in results.items()
     }
     lines = findings(results, variables)
+    for first, second in zip(PAPER_ORDER, PAPER_ORDER[1:]):
+        lines += paired_findings(differences, first, second)
     if group.is_main_process:
         for name, table in tables:
             atomic_write_text(out / f"{name}.md", f"## {table.title}\n\n{table.markdown()}")
@@ -111,7 +119,7 @@ def write_run_report(
             figures.append((error_bars(bars, variables, out / "intervened_error.png", "Intervened-region error (evaluation segmentor)"),
                             "Intervened-region error per intervention and strategy (mm^2, lower is better)"))  # fmt: skip
         timings = {name: {"status": "done", **_timing(run_dir / name)} for name in stage_names if (run_dir / name / DONE).is_file()}
-        atomic_write_json(out / "results.json", {"strategies": results, "findings": lines, "timings": timings})
+        atomic_write_json(out / "results.json", {"strategies": results, "paired": differences, "findings": lines, "timings": timings})
         write_report(
             out / "report.html",
             title=f"causalimg run {run_dir.name}",

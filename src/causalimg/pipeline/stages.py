@@ -32,7 +32,7 @@ from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidancePredictors
 from causalimg.core.transform import VariableTransform
 from causalimg.pipeline import components as build
-from causalimg.pipeline.evaluation import evaluate_strategy
+from causalimg.pipeline.evaluation import EVALUATION_OUTPUTS, evaluate_strategy
 from causalimg.pipeline.pretrain_check import check_pretrained
 from causalimg.pipeline.reporting import write_run_report
 from causalimg.pipeline.stage import Stage, StageContext, atomic_path, run_stages
@@ -271,7 +271,7 @@ class Pipeline:
             evaluations.append(f"evaluate/{label}")
             stages.append(
                 Stage(
-                    f"evaluate/{label}", self.evaluate, {"evaluate": evaluate, "batch_size": finetune["train"]["batch_size"], **seed},
+                    f"evaluate/{label}", self.evaluate, {"evaluate": evaluate, "batch_size": finetune["train"]["batch_size"], "outputs": EVALUATION_OUTPUTS, **seed},
                     ("data", "flows", "predictors/evaluation-segmentor", f"finetune/{label}"),
                 )
             )
