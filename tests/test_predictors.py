@@ -68,7 +68,7 @@ def test_segmentor_learns_intensity_coded_labels() -> None:
         opt.zero_grad()
         segmentor_objective(net, batch)["loss"].backward()
         opt.step()
-    assert float(segmentor_objective(net, batch)["loss"]) < 0.5 * first
+    assert float(segmentor_objective(net, batch)["loss"].detach()) < 0.5 * first
     dice = evaluate_dice(net, [stripes(batch=4, seed=1)])
     assert list(dice) == list(CLASS_NAMES)
     assert dice["background"] > 0.9 and dice["lumen"] > 0.9
@@ -119,7 +119,7 @@ def test_regressor_objective_and_mae_in_data_units() -> None:
     assert mae == pytest.approx({"a": 1.5, "b": 3.0})
     out = regressor_objective(Constant(), batch, transform)
     normalised = transform.normalise(parents)
-    assert float(out["loss"]) == pytest.approx(float((normalised**2).mean()))
+    assert float(out["loss"].detach()) == pytest.approx(float((normalised**2).mean()))
 
 
 def test_freeze_stops_gradients_and_batchnorm_statistics() -> None:
