@@ -6,8 +6,9 @@
 Writes benchmarks/results/guidance_<config>.json and .md: per strategy the intervened-region and
 off-target errors (evaluation segmentor and ground truth), image error against the true
 counterfactual, composition, reversibility and realism; paired per-image differences between
-strategies with 95 % intervals; per stage the wall time and the training throughput; and for how many of the 9 interventions the paper's ordering (positional segmentor <
-regressor < none on the intervened region) holds. With ``--paper-table
+strategies with 95 % intervals; per stage the wall time and the training throughput; and for how
+many of the 9 interventions the paper's ordering (positional segmentor < regressor < none on the
+intervened region) holds. With ``--paper-table
 /work/shared/paper/table1.csv`` (not shipped) it also puts our error ratios beside the paper's.
 Stages already complete in the run folder are skipped (their recorded times are reported), so
 compare runs made from scratch.
@@ -30,7 +31,7 @@ from causalimg.pipeline.evaluation import METRICS_FILE
 from causalimg.pipeline.stage import DONE, atomic_write_json, atomic_write_text, read_json
 from causalimg.pipeline.stages import run_pipeline
 from causalimg.plugins.manager import load_registry
-from causalimg.report.paired import paired_findings, paired_table
+from causalimg.report.paired import paired_table, paper_order_findings
 from causalimg.report.tables import PAPER_ORDER, ordering_count, paper_comparison, summary_table
 from causalimg.training.accelerator import finish
 
@@ -72,8 +73,7 @@ def markdown(report: dict) -> str:
             lines.append(f"- {metric}: {' < '.join(PAPER_ORDER)} on the intervened region for {count} of 9 interventions.")
     if report["paired"]:
         lines += ["", paired_table(report["paired"]).markdown()]
-        for first, second in zip(PAPER_ORDER, PAPER_ORDER[1:]):
-            lines += [f"- {line}" for line in paired_findings(report["paired"], first, second)]
+        lines += [f"- {line}" for line in paper_order_findings(report["paired"])]
     if "paper_comparison" in report:
         lines += ["", report["paper_comparison"]]
     lines += ["", "| stage | seconds | steps | images/s | steps/s |", "|---|---:|---:|---:|---:|"]

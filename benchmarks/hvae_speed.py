@@ -49,9 +49,12 @@ DEFAULT_RUNS = [
 ]
 
 
-def keep_malloc_arenas() -> None:
+def keep_malloc_arenas(mode: str) -> None:
     """mallopt(M_MMAP_MAX, 0) and a huge M_TRIM_THRESHOLD: activations reuse heap memory instead of
-    being mmap'ed and unmapped every step (the kernel time that dominated fp32 here)."""
+    being mmap'ed and unmapped every step (the kernel time that dominated fp32 here). Every glibc
+    mode but plain ``fp32`` (the untuned reference) gets it; tcmalloc modes do not use glibc malloc."""
+    if mode == "fp32" or mode.endswith("tcmalloc"):
+        return
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     libc.mallopt(M_MMAP_MAX, 0)
@@ -111,8 +114,7 @@ def build(preset: str, shape: tuple[int, int], mode: str, batch: int):
 
 def measure(run: str, steps: int, warmup: int, batch: int) -> dict:
     preset, shape, mode = parse_run(run)
-    if mode != "fp32" and not mode.endswith("tcmalloc"):
-        keep_malloc_arenas()
+    keep_malloc_arenas(mode)
     import torch
 
     torch.set_num_threads(2)
@@ -135,8 +137,7 @@ def measure(run: str, steps: int, warmup: int, batch: int) -> dict:
 
 def profile(run: str, batch: int) -> None:
     preset, shape, mode = parse_run(run)
-    if mode != "fp32" and not mode.endswith("tcmalloc"):
-        keep_malloc_arenas()
+    keep_malloc_arenas(mode)
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

@@ -19,7 +19,7 @@ from causalimg.pipeline.evaluation import FIGURE_FILE, METRICS_FILE, ROWS_FILE, 
 from causalimg.pipeline.stage import DONE, ProcessGroup, atomic_write_json, atomic_write_text, read_json
 from causalimg.report.figures import error_bars, figure1
 from causalimg.report.html import write_report
-from causalimg.report.paired import paired_differences, paired_findings, paired_table
+from causalimg.report.paired import paired_differences, paired_table, paper_order_findings
 from causalimg.report.tables import PAPER_ORDER, Cell, Table, intervention_table, ordering_count, summary_table
 
 
@@ -98,9 +98,7 @@ def write_run_report(
         label: {m: {k: r[m][k] for k in ("intervened", "off_target") if k in r.get(m, {})} for m in ("effectiveness", "ground-truth") if m in r}
         for label, r in results.items()
     }
-    lines = findings(results, variables)
-    for first, second in zip(PAPER_ORDER, PAPER_ORDER[1:]):
-        lines += paired_findings(differences, first, second)
+    lines = findings(results, variables) + paper_order_findings(differences)
     if group.is_main_process:
         for name, table in tables:
             atomic_write_text(out / f"{name}.md", f"## {table.title}\n\n{table.markdown()}")

@@ -16,7 +16,7 @@ import torch
 
 from causalimg.metrics.base import mean_ci
 from causalimg.metrics.effectiveness import per_image_errors
-from causalimg.report.tables import Cell, Table
+from causalimg.report.tables import PAPER_ORDER, Cell, Table
 
 # (rows key in rows.safetensors, how the table names it)
 MEASURED_BY = (("effectiveness/abs_error", "evaluation segmentor"), ("ground-truth/area_error", "true counterfactual"))
@@ -87,3 +87,8 @@ def paired_findings(differences: list[dict], first: str, second: str) -> list[st
             parts.append(f"{what} {mean:+.2f} ± {ci:.2f} mm^2 ({verdict})")
         lines.append(f"{first} - {second}, paired over images, by the {d['measured_by']}: " + "; ".join(parts) + ".")
     return lines
+
+
+def paper_order_findings(differences: list[dict]) -> list[str]:
+    """The paired verdicts behind the paper's ordering: each strategy against the next in ``PAPER_ORDER``."""
+    return [line for first, second in zip(PAPER_ORDER, PAPER_ORDER[1:]) for line in paired_findings(differences, first, second)]
