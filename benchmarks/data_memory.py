@@ -24,14 +24,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from proc_memory import children, status
 from torch.utils.data import DataLoader
 
 from causalimg.data.phantom import PhantomConfig, PhantomSource
 from causalimg.regions.axial import AxialPartitioner
-from proc_memory import children, status
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024**3
@@ -54,7 +55,7 @@ class PeakMemory:
                 self.peak[key] = max(self.peak[key], sum(p.get(key, 0) for p in procs))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -97,23 +98,25 @@ def markdown(r: dict[str, Any], argv: Sequence[str]) -> str:
     def row(name: str, peak: dict[str, float]) -> str:
         return f"| {name} | {peak['RssAnon']:.2f} | {peak['RssFile']:.2f} | {peak['VmRSS']:.2f} |"
 
-    return "\n".join([
-        "# Data-side memory: the cached phantom streamed for one epoch",
-        "",
-        f"Command: `{' '.join(['python benchmarks/data_memory.py', *argv])}`; {r['count']} training images of "
-        f"{r['image_shape'][1]} x {r['image_shape'][2]}, cache {r['cache_gb']:.2f} GB on disk, batch {r['batch_size']}, "
-        f"{r['workers']} DataLoader workers; cache written in {r['generate_s']:.0f} s, epoch read in {r['stream_s']:.0f} s "
-        f"({r['images_per_s']:.0f} images/s); 1-minute load average {r['load_average_1min_at_end']:.1f} (shared machine).",
-        "",
-        "| phase | peak anonymous GB (all processes) | peak file-backed GB (all processes) | peak total RSS GB |",
-        "|---|---|---|---|",
-        row("write the cache", r["generation_peak_gb"]),
-        row("stream one epoch", r["streaming_peak_gb"]),
-        "",
-        f"Bar: anonymous memory < {r['bar_gb']:g} GB: {'met' if r['ok'] else 'NOT met'}. The cache is read with "
-        "positioned reads (no memory map), so its pages are not part of any process's resident set.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Data-side memory: the cached phantom streamed for one epoch",
+            "",
+            f"Command: `{' '.join(['python benchmarks/data_memory.py', *argv])}`; {r['count']} training images of "
+            f"{r['image_shape'][1]} x {r['image_shape'][2]}, cache {r['cache_gb']:.2f} GB on disk, batch {r['batch_size']}, "
+            f"{r['workers']} DataLoader workers; cache written in {r['generate_s']:.0f} s, epoch read in {r['stream_s']:.0f} s "
+            f"({r['images_per_s']:.0f} images/s); 1-minute load average {r['load_average_1min_at_end']:.1f} (shared machine).",
+            "",
+            "| phase | peak anonymous GB (all processes) | peak file-backed GB (all processes) | peak total RSS GB |",
+            "|---|---|---|---|",
+            row("write the cache", r["generation_peak_gb"]),
+            row("stream one epoch", r["streaming_peak_gb"]),
+            "",
+            f"Bar: anonymous memory < {r['bar_gb']:g} GB: {'met' if r['ok'] else 'NOT met'}. The cache is read with "
+            "positioned reads (no memory map), so its pages are not part of any process's resident set.",
+            "",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,16 +31,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_LINE = re.compile(r"^\[(?P<stage>[^\]]+)\] (?P<what>running|done in (?P<seconds>[0-9.]+) s|up to date)")
-IGNORED_JSON_KEYS = {"seconds", "finished", "started", "wall_time_s", "session_time_s", "images_per_s",
-                     "resumed_from_step", "upstream_finished", "timing", "timings", "report"}
+IGNORED_JSON_KEYS = {
+    "seconds",
+    "finished",
+    "started",
+    "wall_time_s",
+    "session_time_s",
+    "images_per_s",
+    "resumed_from_step",
+    "upstream_finished",
+    "timing",
+    "timings",
+    "report",
+}
 
 
 def command(config: str, run_dir: Path, overrides: Sequence[str], resume: bool, only: str | None = None) -> list[str]:
@@ -58,8 +70,9 @@ def run_to_end(argv: list[str], timeout: float) -> dict[str, float]:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return {m["stage"]: float(m["seconds"]) for m in map(STAGE_LINE.match, result.stdout.splitlines())
-            if m and m["seconds"]}
+    return {
+        m["stage"]: float(m["seconds"]) for m in map(STAGE_LINE.match, result.stdout.splitlines()) if m and m["seconds"]
+    }
 
 
 def run_and_kill(argv: list[str], stage: str | None, delay: float, timeout: float) -> str | None:
@@ -67,8 +80,14 @@ def run_and_kill(argv: list[str], stage: str | None, delay: float, timeout: floa
 
     Returns the stage that was running when the kill landed, "(between stages)" when none was,
     or None when the run ended before the kill."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # stage lines as they happen
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # stage lines as they happen
     running: list[str | None] = [None]
     killed = threading.Event()
 
@@ -105,8 +124,11 @@ def run_and_kill(argv: list[str], stage: str | None, delay: float, timeout: floa
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (NaN sentinels included, which ``torch.equal`` calls different)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    )
 
 
 def compare(reference: Path, other: Path, group: str | None = None) -> list[str]:
@@ -153,8 +175,16 @@ def stage_seconds(run_dir: Path) -> dict[str, float]:
     return {str(p.parent.relative_to(run_dir)): records[p]["seconds"] for _, p in stages}
 
 
-def inject(config: str, overrides: Sequence[str], groups: Sequence[str] | None, kills: int, seed: int,
-           workdir: Path, timeout: float, reference: Path | None = None) -> dict[str, Any]:
+def inject(
+    config: str,
+    overrides: Sequence[str],
+    groups: Sequence[str] | None,
+    kills: int,
+    seed: int,
+    workdir: Path,
+    timeout: float,
+    reference: Path | None = None,
+) -> dict[str, Any]:
     rng = random.Random(seed)
     reference_s = None
     if reference is None:
@@ -178,8 +208,9 @@ def inject(config: str, overrides: Sequence[str], groups: Sequence[str] | None, 
         # and a check that rerunning the group alone reproduces the reference.
         calibration = without_group(f"{group}-calibration", group)
         group_s = sum(run_to_end(command(config, calibration, overrides, False, group), timeout).values())
-        calibrations.append({"group": group, "seconds": round(group_s, 1),
-                             "problems": compare(reference, calibration, group)})
+        calibrations.append(
+            {"group": group, "seconds": round(group_s, 1), "problems": compare(reference, calibration, group)}
+        )
         shutil.rmtree(calibration, ignore_errors=True)
         for k in range(kills):
             fraction = rng.uniform(0.05, 0.95)
@@ -191,15 +222,33 @@ def inject(config: str, overrides: Sequence[str], groups: Sequence[str] | None, 
                 problems = compare(reference, run_dir, group)
             except RuntimeError as err:  # the rerun failed: that is this trial's result
                 problems = [f"rerun failed: {str(err)[-500:]}"]
-            trials.append({"group": group, "fraction": round(fraction, 3), "killed_in": landed,
-                           "group_s": round(group_s, 1), "rerun_s": round(time.perf_counter() - began, 1),
-                           "identical": not problems, "problems": problems})
-            print(f"{group:12s} kill at {fraction:.2f} of {group_s:.0f} s: landed in {landed}, "
-                  f"{'identical' if not problems else problems}", flush=True)
+            trials.append(
+                {
+                    "group": group,
+                    "fraction": round(fraction, 3),
+                    "killed_in": landed,
+                    "group_s": round(group_s, 1),
+                    "rerun_s": round(time.perf_counter() - began, 1),
+                    "identical": not problems,
+                    "problems": problems,
+                }
+            )
+            print(
+                f"{group:12s} kill at {fraction:.2f} of {group_s:.0f} s: landed in {landed}, "
+                f"{problems if problems else 'identical'}",
+                flush=True,
+            )
             shutil.rmtree(run_dir, ignore_errors=True)
-    return {"config": config, "overrides": list(overrides), "seed": seed, "reference_s": reference_s,
-            "stage_s": durations, "calibrations": calibrations, "trials": trials,
-            "all_identical": all(t["identical"] for t in trials) and not any(c["problems"] for c in calibrations)}
+    return {
+        "config": config,
+        "overrides": list(overrides),
+        "seed": seed,
+        "reference_s": reference_s,
+        "stage_s": durations,
+        "calibrations": calibrations,
+        "trials": trials,
+        "all_identical": all(t["identical"] for t in trials) and not any(c["problems"] for c in calibrations),
+    }
 
 
 def markdown(result: dict[str, Any], argv: Sequence[str]) -> str:
@@ -218,11 +267,16 @@ def markdown(result: dict[str, Any], argv: Sequence[str]) -> str:
     ]
     for t in result["trials"]:
         verdict = "bit-identical" if t["identical"] else "; ".join(t["problems"])
-        lines.append(f"| {t['group']} | {t['group_s']} | {t['fraction']} | {t['killed_in'] or '(ended first)'} | "
-                     f"{t['rerun_s']} | {verdict} |")
+        lines.append(
+            f"| {t['group']} | {t['group_s']} | {t['fraction']} | {t['killed_in'] or '(ended first)'} | "
+            f"{t['rerun_s']} | {verdict} |"
+        )
     redo = [c for c in result["calibrations"] if c["problems"]]
-    lines += ["", "Uninterrupted `--only GROUP` reruns reproduce the reference: "
-              + ("all groups." if not redo else "; ".join(f"{c['group']}: {c['problems']}" for c in redo))]
+    lines += [
+        "",
+        "Uninterrupted `--only GROUP` reruns reproduce the reference: "
+        + ("all groups." if not redo else "; ".join(f"{c['group']}: {c['problems']}" for c in redo)),
+    ]
     n = len(result["trials"])
     same = sum(t["identical"] for t in result["trials"])
     lines += ["", f"{same} of {n} interrupted stage groups ended bit-identical to the uninterrupted run."]
@@ -241,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="causalimg-faults-") as tmp:
-        result = inject(args.config, args.overrides, args.groups, args.kills, args.seed, Path(tmp), args.timeout,
-                        args.reference)
+        result = inject(
+            args.config, args.overrides, args.groups, args.kills, args.seed, Path(tmp), args.timeout, args.reference
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fault_injection.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "fault_injection.md").write_text(markdown(result, sys.argv[1:] if argv is None else argv))

@@ -70,7 +70,9 @@ def markdown(report: dict) -> str:
     ]
     for metric, count in report["paper_ordering"].items():
         if count is not None:
-            lines.append(f"- {metric}: {' < '.join(PAPER_ORDER)} on the intervened region for {count} of 9 interventions.")
+            lines.append(
+                f"- {metric}: {' < '.join(PAPER_ORDER)} on the intervened region for {count} of 9 interventions."
+            )
     if report["paired"]:
         lines += ["", paired_table(report["paired"]).markdown()]
         lines += [f"- {line}" for line in paper_order_findings(report["paired"])]
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     variables = variable_names(tuple(read_json(run_dir / "data" / DONE)["summary"]["region_names"]))
     report = {
         "config": Path(str(args.config)).stem,
-        "command": " ".join(["python benchmarks/guidance_strategies.py", *sys.argv[1:]]) if argv is None else " ".join(argv),
+        "command": " ".join(["python benchmarks/guidance_strategies.py", *sys.argv[1:]])
+        if argv is None
+        else " ".join(argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end, python {platform.python_version()}",
         "wall_s": wall,
@@ -116,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         "strategies": strategies,
         "paired": (read_json(run_dir / "report" / "results.json") or {}).get("paired", []),
         "paper_ordering": {
-            metric: ordering_count({l: s[metric] for l, s in strategies.items() if "cells" in s.get(metric, {})}, variables)
+            metric: ordering_count(
+                {label: s[metric] for label, s in strategies.items() if "cells" in s.get(metric, {})}, variables
+            )
             for metric in ("effectiveness", "ground-truth")
         },
     }

@@ -72,8 +72,11 @@ def main() -> None:
         "",
         "| image | images | wall s | images / wall s | images / CPU s | cache bytes / image |",
         "|---|---|---|---|---|---|",
-        *(f"| {r['shape']} | {r['images']} | {r['wall_s']} | {r['images_per_wall_s']} | {r['images_per_cpu_s']} "
-          f"| {r['cache_bytes_per_image']} |" for r in rows),  # fmt: skip
+        *(
+            f"| {r['shape']} | {r['images']} | {r['wall_s']} | {r['images_per_wall_s']} | {r['images_per_cpu_s']} "
+            f"| {r['cache_bytes_per_image']} |"
+            for r in rows
+        ),
         "",
         f"Bar: at least {BAR:g} images/s at 32 x 192 on one core.",
     ]

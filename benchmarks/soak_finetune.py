@@ -22,10 +22,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from proc_memory import resident
 
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidancePredictors
@@ -41,7 +43,6 @@ from causalimg.regions.axial import AxialPartitioner
 from causalimg.training.accelerator import finish, make_accelerator
 from causalimg.training.finetune import CounterfactualFineTuning, build_strategies, finetune_objective
 from causalimg.training.loop import fit
-from proc_memory import resident
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1024 * 1024
@@ -53,7 +54,9 @@ def build(root: Path, seed: int) -> tuple[CounterfactualFineTuning, Any]:
     parents = torch.stack([train[i]["parents"] for i in range(len(train))])  # (N, P) mm^2
     transform = VariableTransform.fit(tuple(source.variables), parents)
     torch.manual_seed(seed)
-    hvae = HVAE.from_config(HVAEConfig(preset="cpu"), image_shape=tuple(source.image_shape), num_parents=len(source.variables))
+    hvae = HVAE.from_config(
+        HVAEConfig(preset="cpu"), image_shape=tuple(source.image_shape), num_parents=len(source.variables)
+    )
     dscm = DSCM(SCM({v: [] for v in source.variables}), {v: SplineFlow(0) for v in source.variables}, hvae, transform)
     predictors = GuidancePredictors(segmentor=UNet(SegmentorConfig(widths=(8, 16))))
     strategies = build_strategies([PositionalSegmentorGuidanceConfig()], load_registry(), predictors)
@@ -86,14 +89,30 @@ def soak(steps: int, size: int, warmup: int, batch_size: int, threads: int, work
         last[0] = now
         return finetune_objective(model, batch, step)
 
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-4, warmup_steps=10, checkpoint_every=500,
-                         log_every=50, skip_check_after=steps)
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=1e-4,
+        warmup_steps=10,
+        checkpoint_every=500,
+        log_every=50,
+        skip_check_after=steps,
+    )
     accelerator = make_accelerator(config, workdir / "finetune")
     began = time.perf_counter()
     cft.train()
     try:
-        result = fit(cft, objective, train, config, workdir / "finetune", accelerator, seed=0,
-                     parameters=cft.trainable, desc="soak")
+        result = fit(
+            cft,
+            objective,
+            train,
+            config,
+            workdir / "finetune",
+            accelerator,
+            seed=0,
+            parameters=cft.trainable,
+            desc="soak",
+        )
     finally:
         finish(accelerator)
     wall = time.perf_counter() - began
@@ -115,23 +134,25 @@ def markdown(r: dict[str, Any], argv: Sequence[str]) -> str:
     def row(name: str, w: dict[str, Any]) -> str:
         return f"| {name} | {w['steps']} | {w['steps_per_s']:.3f} | {w['rss_anon_mb']:.0f} | {w['rss_total_mb']:.0f} |"
 
-    return "\n".join([
-        "# Fine-tuning soak (CPU, fp32)",
-        "",
-        f"Command: `{' '.join(['python benchmarks/soak_finetune.py', *argv])}`; {r['steps']} steps, batch {r['batch_size']}, "
-        f"{r['threads']} threads, {r['wall_s']:.0f} s wall, {r['skipped_steps']} skipped steps; "
-        f"1-minute load average {r['load_average_1min_at_end']:.1f} at the end (shared machine).",
-        "",
-        "| window | steps | steps/s (median) | anonymous RSS MB | total RSS MB |",
-        "|---|---|---|---|---|",
-        row("start", r["start"]),
-        row("end", r["end"]),
-        "",
-        f"Anonymous memory growth: {r['rss_anon_growth_mb']:+.1f} MB ({'ok' if r['memory_ok'] else 'FAILS'}: bar < 5 % + 50 MB). "
-        f"Slowdown: {100 * r['slowdown']:+.1f} % ({'ok' if r['speed_ok'] else 'FAILS'}: bar < 10 %). "
-        f"Peak total RSS {r['peak_rss_total_mb']:.0f} MB.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Fine-tuning soak (CPU, fp32)",
+            "",
+            f"Command: `{' '.join(['python benchmarks/soak_finetune.py', *argv])}`; {r['steps']} steps, batch {r['batch_size']}, "
+            f"{r['threads']} threads, {r['wall_s']:.0f} s wall, {r['skipped_steps']} skipped steps; "
+            f"1-minute load average {r['load_average_1min_at_end']:.1f} at the end (shared machine).",
+            "",
+            "| window | steps | steps/s (median) | anonymous RSS MB | total RSS MB |",
+            "|---|---|---|---|---|",
+            row("start", r["start"]),
+            row("end", r["end"]),
+            "",
+            f"Anonymous memory growth: {r['rss_anon_growth_mb']:+.1f} MB ({'ok' if r['memory_ok'] else 'FAILS'}: bar < 5 % + 50 MB). "
+            f"Slowdown: {100 * r['slowdown']:+.1f} % ({'ok' if r['speed_ok'] else 'FAILS'}: bar < 10 %). "
+            f"Peak total RSS {r['peak_rss_total_mb']:.0f} MB.",
+            "",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

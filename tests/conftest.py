@@ -10,7 +10,7 @@ import torch
 from causalimg.plugins.manager import ENV_BLOCK, ENV_ONLY, ENV_TRACE, Registry, get_plugin_manager
 
 # A one-file plugin with one component of every kind; written to a folder by ``toy_plugin_dir``.
-TOY_PLUGIN = '''
+TOY_PLUGIN = """
 from typing import Literal
 
 from pydantic import PositiveInt
@@ -76,7 +76,7 @@ def causalimg_guidance_strategies():
 @causalimg.hookimpl
 def causalimg_metrics():
     return [specs.MetricSpec("toy-metric", ToyMetric, ToyMetric, "Toy metric")]
-'''
+"""
 
 # The smallest config that the toy registry validates.
 TOY_CONFIG = {"data": "toy-data", "regions": "toy-halves", "flows": "toy-flow", "image_mechanism": "toy-vae"}

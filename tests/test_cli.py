@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TOY_CONFIG
 
 from causalimg import cli, run
 from causalimg.plugins.manager import ENV_ONLY
-
-from conftest import TOY_CONFIG
 
 
 @pytest.fixture
@@ -61,8 +60,18 @@ def test_schema_is_json_with_every_section(capsys):
     assert cli.main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert list(schema["properties"]) == [
-        "run", "plugins", "data", "regions", "flows", "image_mechanism",
-        "flows_train", "pretrain", "predictors", "finetune", "evaluate", "tracking",
+        "run",
+        "plugins",
+        "data",
+        "regions",
+        "flows",
+        "image_mechanism",
+        "flows_train",
+        "pretrain",
+        "predictors",
+        "finetune",
+        "evaluate",
+        "tracking",
     ]
 
 
@@ -87,7 +96,16 @@ def test_run_writes_resolved_config_and_prints_plan(toy_config, tmp_path, capsys
     assert run.main(["--dry-run", "--config", str(toy_config), "--set", "pretrain.steps=3"]) == 0
     out = capsys.readouterr().out
     steps = [line.split(". ", 1)[1] for line in out.splitlines()[1:]]
-    assert steps == ["data", "flows", "predictors", "pretrain", "finetune[none]", "finetune[guided]", "evaluate", "report"]
+    assert steps == [
+        "data",
+        "flows",
+        "predictors",
+        "pretrain",
+        "finetune[none]",
+        "finetune[guided]",
+        "evaluate",
+        "report",
+    ]
     saved = yaml.safe_load((tmp_path / "runs/exp/config.yaml").read_text())
     assert saved["pretrain"]["steps"] == 3 and saved["run"]["dir"] == str(tmp_path.resolve() / "runs/exp")
     assert [p.name for p in (tmp_path / "runs/exp").iterdir()] == ["config.yaml"]  # no temporary left

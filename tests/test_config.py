@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TOY_CONFIG
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -23,8 +24,6 @@ from causalimg.config.loader import (
 from causalimg.config.run import build_run_config_model
 from causalimg.errors import ConfigError, PluginError
 from causalimg.plugins.manager import Registry, load_registry
-
-from conftest import TOY_CONFIG
 
 
 def write(path: Path, data: dict) -> Path:
@@ -87,14 +86,20 @@ def test_kind_without_plugins_is_a_clear_error():
 
 def test_guidance_config_without_weight_is_a_plugin_error(toy_registry):
     spec = toy_registry.get("guidance", "toy-guide")
-    no_weight = type("NoWeight", (spec.config.__base__,), {"__annotations__": {"name": spec.config.model_fields["name"].annotation}, "name": "toy-guide"})
+    no_weight = type(
+        "NoWeight",
+        (spec.config.__base__,),
+        {"__annotations__": {"name": spec.config.model_fields["name"].annotation}, "name": "toy-guide"},
+    )
     registry = Registry({"guidance": {"toy-guide": type(spec)("toy-guide", no_weight, object, "no weight")}})
     with pytest.raises(PluginError, match="toy-guide.*weight: float = 1.0"):
         build_run_config_model(registry)
 
 
 def test_bad_strategy_label_is_rejected(toy_registry):
-    assert "strategy label 'Pos Seg'" in config_error({**TOY_CONFIG, "finetune": {"strategies": {"Pos Seg": []}}}, toy_registry)
+    assert "strategy label 'Pos Seg'" in config_error(
+        {**TOY_CONFIG, "finetune": {"strategies": {"Pos Seg": []}}}, toy_registry
+    )
 
 
 @pytest.mark.parametrize("override", ["run.seed", "=3", "run..seed=1", ".seed=1"])
@@ -161,8 +166,12 @@ def test_override_keeps_sibling_fields(section, key, value):
 def test_yaml_and_toml_give_the_same_config(toy_registry, tmp_path):
     raw = {**TOY_CONFIG, "run": {"seed": 7}}
     toml = tmp_path / "exp.toml"
-    toml.write_text('data = "toy-data"\nregions = "toy-halves"\nflows = "toy-flow"\nimage_mechanism = "toy-vae"\n[run]\nseed = 7\n')
-    assert load_config(toml, registry=toy_registry) == load_config(write(tmp_path / "exp.yaml", raw), registry=toy_registry)
+    toml.write_text(
+        'data = "toy-data"\nregions = "toy-halves"\nflows = "toy-flow"\nimage_mechanism = "toy-vae"\n[run]\nseed = 7\n'
+    )
+    assert load_config(toml, registry=toy_registry) == load_config(
+        write(tmp_path / "exp.yaml", raw), registry=toy_registry
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,7 +215,9 @@ def test_relative_run_dir_resolves_against_cwd(toy_registry, tmp_path, monkeypat
 def test_resolved_config_round_trips(toy_registry, tmp_path):
     raw = {**TOY_CONFIG, "finetune": {"strategies": {"none": [], "guided": [{"name": "toy-guide", "weight": 0.5}]}}}
     config = load_config(write(tmp_path / "exp.yaml", raw), ["pretrain.steps=5"], toy_registry)
-    reloaded = load_config(write(tmp_path / "resolved.yaml", yaml.safe_load(dump_config(config))), registry=toy_registry)
+    reloaded = load_config(
+        write(tmp_path / "resolved.yaml", yaml.safe_load(dump_config(config))), registry=toy_registry
+    )
     assert reloaded == config
 
 

@@ -42,7 +42,9 @@ def test_config_reference_is_current(capsys):
     assert cli.main(["schema", "--markdown", "--builtin-only"]) == 0
     generated = capsys.readouterr().out
     committed = (ROOT / "docs" / "config.md").read_text()
-    assert committed == generated, "docs/config.md is stale: run `causalimg schema --markdown --builtin-only > docs/config.md`"
+    assert committed == generated, (
+        "docs/config.md is stale: run `causalimg schema --markdown --builtin-only > docs/config.md`"
+    )
 
 
 def test_readme_links_resolve():

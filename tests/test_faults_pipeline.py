@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fault_injection import command, compare, run_and_kill, run_to_end, stage_seconds  # noqa: E402
+from fault_injection import command, compare, run_and_kill, run_to_end, stage_seconds
 
 pytestmark = pytest.mark.slow
 

@@ -55,7 +55,10 @@ class Scenes(Dataset):
         labels = torch.zeros(n, H, W, dtype=torch.long)
         labels[:, 7:10] = LUMEN
         for i in range(n):
-            start, length = int(torch.randint(0, W - 10, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
+            start, length = (
+                int(torch.randint(0, W - 10, (1,), generator=g)),
+                int(torch.randint(1, 10, (1,), generator=g)),
+            )
             labels[i, 5:7, start : start + length] = CALCIFIED
         onehot = F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
         self.images = LEVELS[labels][:, None] + 0.02 * torch.randn(n, 1, H, W, generator=g)
@@ -139,7 +142,9 @@ def test_damped_penalty_has_the_documented_gradient() -> None:
 def test_step_draws_in_range_targets_on_area_variables_only() -> None:
     dscm = tiny_dscm(extra_root="age")
     names, transform = dscm.transform.names, dscm.transform
-    cft = CounterfactualFineTuning(dscm, [], region_names=REGIONS, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=2)
+    cft = CounterfactualFineTuning(
+        dscm, [], region_names=REGIONS, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=2
+    )
     torch.manual_seed(0)
     for _ in range(20):
         do, intervened = cft.draw_intervention(torch.zeros(5, len(names)))
@@ -149,7 +154,9 @@ def test_step_draws_in_range_targets_on_area_variables_only() -> None:
             i = names.index(name)
             assert target.shape == (5,) and bool(((target >= transform.low[i]) & (target <= transform.high[i])).all())
     with pytest.raises(ConfigError, match="interventions_per_step=10 exceeds the 9"):
-        CounterfactualFineTuning(dscm, [], region_names=REGIONS, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=10)
+        CounterfactualFineTuning(
+            dscm, [], region_names=REGIONS, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=10
+        )
 
 
 def test_fixed_weight_objective_and_reported_terms() -> None:
@@ -187,8 +194,14 @@ def test_finetuning_moves_only_the_image_mechanism_and_keeps_predictors_bit_iden
     dscm, preds = tiny_dscm(), predictors()
     frozen_before = {k: v.clone() for m in (preds.segmentor, preds.regressor) for k, v in m.state_dict().items()}
     eps = measure_nelbo(dscm, [batch(8)])
-    cft = cft_for(dscm, [PositionalSegmentorGuidanceConfig(), RegressorGuidanceConfig(weight=0.1)], preds,
-                  eps=eps - 1.0, lagrange_lr=0.1, trainable="decoder")  # eps below the nelbo: lambda must rise
+    cft = cft_for(
+        dscm,
+        [PositionalSegmentorGuidanceConfig(), RegressorGuidanceConfig(weight=0.1)],
+        preds,
+        eps=eps - 1.0,
+        lagrange_lr=0.1,
+        trainable="decoder",
+    )  # eps below the nelbo: lambda must rise
     flows_before = {k: v.clone() for k, v in dscm.attributes.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in dscm.image.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in dscm.image.decoder.state_dict().items()}
@@ -197,7 +210,9 @@ def test_finetuning_moves_only_the_image_mechanism_and_keeps_predictors_bit_iden
 
     frozen_after = {k: v for m in (preds.segmentor, preds.regressor) for k, v in m.state_dict().items()}
     assert all(torch.equal(frozen_before[k], v) for k, v in frozen_after.items())  # BatchNorm stats included
-    assert all(not p.requires_grad and p.grad is None for m in (preds.segmentor, preds.regressor) for p in m.parameters())
+    assert all(
+        not p.requires_grad and p.grad is None for m in (preds.segmentor, preds.regressor) for p in m.parameters()
+    )
     assert all(torch.equal(flows_before[k], v) for k, v in dscm.attributes.state_dict().items())
     assert all(torch.equal(encoder_before[k], v) for k, v in dscm.image.encoder.state_dict().items())
     assert any(not torch.equal(decoder_before[k], v) for k, v in dscm.image.decoder.state_dict().items())

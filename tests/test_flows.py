@@ -9,7 +9,6 @@ import torch
 
 from causalimg.mechanisms.flows import SplineFlow, SplineFlowConfig, causalimg_attribute_mechanisms
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import TOY_CONFIG, TOY_PLUGIN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,10 +24,10 @@ from causalimg import cli, run
 from causalimg.config.sections import TrainConfig
 from causalimg.plugins.manager import ENV_ONLY
 
-from conftest import TOY_CONFIG, TOY_PLUGIN
-
 SETTINGS = settings(
-    max_examples=40, deadline=None, derandomize=True,
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 MAX_LINES = 25  # one screen
@@ -46,8 +47,20 @@ OUT_OF_RANGE: dict[str, st.SearchStrategy[Any]] = {
 NUMERIC_FIELDS = tuple(OUT_OF_RANGE)
 PLUGIN_SECTIONS = {"data": "toy-data", "regions": "toy-halves", "flows": "toy-flow", "image_mechanism": "toy-vae"}
 SECTION_FIELDS = {  # the fields a fuzzed unknown key must not hit
-    "": {"run", "plugins", "data", "regions", "flows", "image_mechanism", "flows_train", "pretrain",
-         "predictors", "finetune", "evaluate", "tracking"},
+    "": {
+        "run",
+        "plugins",
+        "data",
+        "regions",
+        "flows",
+        "image_mechanism",
+        "flows_train",
+        "pretrain",
+        "predictors",
+        "finetune",
+        "evaluate",
+        "tracking",
+    },
     "run": {"dir", "seed"},
     "pretrain": set(TrainConfig.model_fields),
     "data": {"name", "size"},
@@ -125,8 +138,16 @@ def with_value(base: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 def test_base_config_and_every_fuzzed_field_are_valid(env, capsys):
     """The fuzz starts from a valid config, and each fuzzed field exists with a valid value."""
     assert invoke("validate", write_config(env, env["base"]), [], capsys)[0] == 0
-    valid = {"run.seed": 3, "pretrain.lr": 0.5, "pretrain.ema_decay": 0.0, "pretrain.max_skip_fraction": 1.0,
-             "pretrain.weight_decay": 0.0, "pretrain.steps": 1, "pretrain.batch_size": 1, "flows_train.warmup_steps": 0}
+    valid = {
+        "run.seed": 3,
+        "pretrain.lr": 0.5,
+        "pretrain.ema_decay": 0.0,
+        "pretrain.max_skip_fraction": 1.0,
+        "pretrain.weight_decay": 0.0,
+        "pretrain.steps": 1,
+        "pretrain.batch_size": 1,
+        "flows_train.warmup_steps": 0,
+    }
     assert set(valid) == set(NUMERIC_FIELDS)
     for dotted, value in valid.items():
         code, err = invoke("validate", write_config(env, with_value(env["base"], dotted, value)), [], capsys)
@@ -168,8 +189,12 @@ def test_unknown_keys_are_named_with_the_valid_fields(env, capsys, entry, sectio
 
 
 @SETTINGS
-@given(entry=ENTRIES, section=st.sampled_from(sorted(PLUGIN_SECTIONS)),
-       name=st.from_regex(r"[a-z][a-z0-9-]{0,15}", fullmatch=True), via_set=st.booleans())
+@given(
+    entry=ENTRIES,
+    section=st.sampled_from(sorted(PLUGIN_SECTIONS)),
+    name=st.from_regex(r"[a-z][a-z0-9-]{0,15}", fullmatch=True),
+    via_set=st.booleans(),
+)
 def test_unknown_plugin_names_list_the_valid_ones(env, capsys, entry, section, name, via_set):
     if name.startswith("toy-"):
         return
@@ -184,8 +209,17 @@ def test_unknown_plugin_names_list_the_valid_ones(env, capsys, entry, section, n
 BAD_OVERRIDES = st.one_of(
     TEXT.filter(lambda t: "=" not in t),  # no '='
     st.tuples(st.sampled_from(["", ".", "a..b", "run.", ".seed", " . "]), TEXT).map(lambda kv: f"{kv[0]}={kv[1]}"),
-    st.sampled_from(["[1, 2", "{a: ", "'open", ": :", "!!python/object/apply:os.system ['true']",
-                     "!!python/name:os.system", "*alias"]).map(lambda v: f"run.seed={v}"),  # not YAML / unsafe
+    st.sampled_from(
+        [
+            "[1, 2",
+            "{a: ",
+            "'open",
+            ": :",
+            "!!python/object/apply:os.system ['true']",
+            "!!python/name:os.system",
+            "*alias",
+        ]
+    ).map(lambda v: f"run.seed={v}"),  # not YAML / unsafe
     IDENT.map(lambda key: f"run.seed.{key}=1"),  # through a scalar
     IDENT.filter(lambda k: k not in SECTION_FIELDS[""]).map(lambda key: f"{key}.x=1"),  # unknown section
 )
@@ -268,7 +302,9 @@ def test_console_commands_exit_2_without_traceback(tmp_path, argv, content, need
     marker = tmp_path / "pwned"
     path = tmp_path / "exp.yaml"
     path.write_bytes(content.replace(b"{marker}", str(marker).encode()))
-    result = subprocess.run([sys.executable, *argv, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, *argv, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and str(path) in result.stderr and needle in result.stderr
     assert len(result.stderr.splitlines()) <= MAX_LINES and not marker.exists()

@@ -14,8 +14,9 @@ import json
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,8 +74,11 @@ def check(write_bad: Callable[[Path], None], valid: bool | None, fragment: str =
         image, mask = good_arrays()
         np.savez(train / "good.npz", image=image, mask=mask)
         write_bad(train)
-        fuzzed = sorted(p.name for p in train.iterdir() if p.name.startswith(BAD) and not p.stem.endswith("_mask")
-                        and p.suffix in (".npz", ".png"))
+        fuzzed = sorted(
+            p.name
+            for p in train.iterdir()
+            if p.name.startswith(BAD) and not p.stem.endswith("_mask") and p.suffix in (".npz", ".png")
+        )
         try:
             source = load_folder(root)
         except DataError as err:
@@ -141,8 +145,19 @@ def test_corrupted_png_bytes(data, which):
 
 # -- arrays of the wrong kind -------------------------------------------------------------------
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int64", "bool", "complex64", "<U2"]
-SHAPES = st.sampled_from([SHAPE, (), (SHAPE[1],), (1, *SHAPE), (3, *SHAPE), (SHAPE[0], 0), (0, SHAPE[1]),
-                          (SHAPE[0], SHAPE[1] + 1), (SHAPE[0] - 1, SHAPE[1])])
+SHAPES = st.sampled_from(
+    [
+        SHAPE,
+        (),
+        (SHAPE[1],),
+        (1, *SHAPE),
+        (3, *SHAPE),
+        (SHAPE[0], 0),
+        (0, SHAPE[1]),
+        (SHAPE[0], SHAPE[1] + 1),
+        (SHAPE[0] - 1, SHAPE[1]),
+    ]
+)
 
 
 @st.composite
@@ -166,16 +181,21 @@ def arrays(draw: st.DrawFn, kind: str) -> np.ndarray:
 
 def is_valid_image(a: np.ndarray) -> bool:
     real = a.dtype.kind in "iuf"
-    return (real and a.shape == SHAPE and bool(np.isfinite(a.astype(np.float64)).all())
-            and float(np.abs(a.astype(np.float64)).max()) <= 1.0)
+    return (
+        real
+        and a.shape == SHAPE
+        and bool(np.isfinite(a.astype(np.float64)).all())
+        and float(np.abs(a.astype(np.float64)).max()) <= 1.0
+    )
 
 
 def is_valid_labels(a: np.ndarray) -> bool:
     if a.shape != SHAPE or a.dtype.kind not in "iufb":
         return False
     values = a.astype(np.float64)
-    return bool(np.isfinite(values).all() and (values == np.round(values)).all() and values.min() >= 0
-                and values.max() <= 3)
+    return bool(
+        np.isfinite(values).all() and (values == np.round(values)).all() and values.min() >= 0 and values.max() <= 3
+    )
 
 
 @SETTINGS
@@ -188,8 +208,7 @@ def test_wrong_dtypes_shapes_labels_and_non_finite_pixels(image, mask):
 
 
 @SETTINGS
-@given(channels=st.integers(1, 6), value=st.sampled_from([0.0, 0.5, -0.1, 1.2, np.nan, np.inf]),
-       fix_sum=st.booleans())
+@given(channels=st.integers(1, 6), value=st.sampled_from([0.0, 0.5, -0.1, 1.2, np.nan, np.inf]), fix_sum=st.booleans())
 def test_soft_masks_of_the_wrong_kind(channels, value, fix_sum):
     image, labels = good_arrays()
     soft = np.zeros((channels, *SHAPE), np.float32)
@@ -234,6 +253,7 @@ def _png_pair(mutate_pair: Callable[[np.ndarray, np.ndarray], tuple[Any, Any]], 
             Image.fromarray(labels).save(d / f"{BAD}_mask.png")
         if meta is not None:
             (d / f"{BAD}.json").write_text(meta)
+
     return write
 
 
@@ -271,6 +291,7 @@ def test_matching_spacing_metadata_and_16_bit_png_load():
         Image.fromarray(((image + 1) * 32767.5).round().astype(np.uint16)).save(d / f"{BAD}.png")
         Image.fromarray(mask).save(d / f"{BAD}_mask.png")
         (d / f"{BAD}.json").write_text(json.dumps({"spacing_mm": SPACING}))
+
     assert check(write, valid=True) == "loaded"
 
 

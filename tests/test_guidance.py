@@ -83,9 +83,7 @@ def truth(labels: torch.Tensor, pixel_area: float = 1.0, regions: torch.Tensor |
     return variable_areas(onehot, thirds() if regions is None else regions, pixel_area)  # (B, 9)
 
 
-TRANSFORM = VariableTransform(
-    variable_names(REGIONS), torch.zeros(9), torch.tensor([8.0] * 3 + [8.0] * 3 + [20.0] * 3)
-)
+TRANSFORM = VariableTransform(variable_names(REGIONS), torch.zeros(9), torch.tensor([8.0] * 3 + [8.0] * 3 + [20.0] * 3))
 
 
 def inputs_for(
@@ -189,9 +187,15 @@ def test_loss_scale_does_not_depend_on_resolution_or_units(name: str) -> None:
 
     cm = VariableTransform(TRANSFORM.names, TRANSFORM.low / 100, TRANSFORM.high / 100)
     fine_inputs = GuidanceInputs(
-        cf_image=up(render(cf)), cf_parents=wanted / 100, image=up(render(factual)),
-        parents=truth(factual) / 100, intervened=torch.zeros(2, 9, dtype=torch.bool),
-        regions=thirds(2 * H, 2 * W), pixel_area_mm2=0.25 / 100, transform=cm, region_names=REGIONS,
+        cf_image=up(render(cf)),
+        cf_parents=wanted / 100,
+        image=up(render(factual)),
+        parents=truth(factual) / 100,
+        intervened=torch.zeros(2, 9, dtype=torch.bool),
+        regions=thirds(2 * H, 2 * W),
+        pixel_area_mm2=0.25 / 100,
+        transform=cm,
+        region_names=REGIONS,
     )
     strategy = all_strategies()[name]
     if name == "regressor":  # its regressor measures in the new grid and units

@@ -17,7 +17,6 @@ from causalimg.mechanisms.hvae import (
     stage_resolutions,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -77,7 +76,11 @@ def test_checkpointing_and_channels_last_compute_the_same_numbers() -> None:
     x = torch.rand(4, 1, 16, 48) * 2 - 1
     pa = torch.rand(4, 2)
     losses, grads = [], []
-    runs = [(False, torch.contiguous_format, 0.1), (True, torch.contiguous_format, 0.1), (False, torch.channels_last, 0.0)]
+    runs = [
+        (False, torch.contiguous_format, 0.1),
+        (True, torch.contiguous_format, 0.1),
+        (False, torch.channels_last, 0.0),
+    ]
     for checkpointing, fmt, dropout in runs:  # dropout masks follow memory order: none for channels_last
         model = tiny((16, 48), checkpointing=checkpointing, dropout=dropout).to(memory_format=fmt)
         torch.manual_seed(1)  # same posterior noise and dropout masks
@@ -175,7 +178,7 @@ def test_tiny_hvae_fits_and_reconstructs() -> None:
     with torch.no_grad():
         start = model.eval().loss(x, pa)["nelbo"].mean().item()
     model.train()
-    for step in range(300):
+    for _step in range(300):
         idx = torch.randint(0, 128, (32,), generator=gen)
         opt.zero_grad()
         model.loss(x[idx], pa[idx])["nelbo"].mean().backward()

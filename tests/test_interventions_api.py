@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_scm import ShiftImage
 
 from causalimg.core.scm import DSCM, SCM
 from causalimg.core.transform import VariableTransform
 from causalimg.errors import ConfigError, InterventionError
 from causalimg.mechanisms.flows import SplineFlow
-
-from test_scm import ShiftImage
 
 
 class CountingImage(ShiftImage):
@@ -62,8 +61,11 @@ BAD = [
 def test_bad_interventions_are_clear_errors_and_compute_nothing(dscm, entry, do, message):
     x, pa = torch.zeros(BATCH, 1, 4, 6), torch.full((BATCH, 3), 5.0)
     before = CountingImage.calls
-    call = (lambda: dscm.counterfactual(x, pa, do)) if entry == "counterfactual" else (
-        lambda: dscm.counterfactual_parents(pa, do))
+    call = (
+        (lambda: dscm.counterfactual(x, pa, do))
+        if entry == "counterfactual"
+        else (lambda: dscm.counterfactual_parents(pa, do))
+    )
     with pytest.raises(InterventionError, match=message):
         call()
     assert CountingImage.calls == before

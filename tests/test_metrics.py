@@ -49,7 +49,7 @@ def render(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             flat = torch.zeros(64, dtype=torch.long)
             start = 0
             for s, structure in enumerate(STRUCTURES):
-                count = int(round(float(parents[b, s * 3 + k])))
+                count = round(float(parents[b, s * 3 + k]))
                 flat[start : start + count] = structure.label
                 start += count
             labels[b, :, 8 * k : 8 * (k + 1)] = flat.reshape(8, 8)
@@ -111,7 +111,9 @@ class Drift:
         return x + self.step, apply_do(pa, do)
 
 
-TRANSFORM = VariableTransform(NAMES, torch.tensor([0.0, 0, 0, 0, 0, 0, 8, 8, 8]), torch.tensor([8.0, 8, 8, 12, 12, 12, 30, 30, 30]))
+TRANSFORM = VariableTransform(
+    NAMES, torch.tensor([0.0, 0, 0, 0, 0, 0, 8, 8, 8]), torch.tensor([8.0, 8, 8, 12, 12, 12, 30, 30, 30])
+)
 INFO = EvalInfo(NAMES, REGIONS)
 
 
@@ -121,7 +123,11 @@ def batches(n: int = 12, batch_size: int = 4, seed: int = 0):
     parents = (TRANSFORM.low + u * (TRANSFORM.high - TRANSFORM.low)).round()
     image, _ = render(parents)
     return [
-        {"image": image[i : i + batch_size], "parents": parents[i : i + batch_size], "index": torch.arange(i, min(i + batch_size, n))}
+        {
+            "image": image[i : i + batch_size],
+            "parents": parents[i : i + batch_size],
+            "index": torch.arange(i, min(i + batch_size, n)),
+        }
         for i in range(0, n, batch_size)
     ]
 
@@ -154,7 +160,9 @@ def test_perfect_generator_has_no_ground_truth_error_and_only_rounding_effective
 
 
 def test_identity_generator_fails_effectiveness_but_composes_and_reverses_perfectly():
-    out = run(Identity(), {"eff": Effectiveness(), "comp": Composition((1, 10)), "rev": Reversibility(), "gt": GroundTruth()})
+    out = run(
+        Identity(), {"eff": Effectiveness(), "comp": Composition((1, 10)), "rev": Reversibility(), "gt": GroundTruth()}
+    )
     assert out["eff"]["intervened"] > 2.0  # the image ignores the target
     assert out["eff"]["off_target"] <= 0.5
     assert out["comp"]["l1_1"]["mean"] == 0 and out["comp"]["l1_10"]["mean"] == 0
@@ -262,7 +270,9 @@ def test_unreachable_true_counterfactuals_are_counted_and_left_out():
 def test_parents_beyond_the_area_variables_are_carried_but_not_scored():
     """A data set with an extra root (the phantom's optional age) puts it among the parents."""
     names = ("age", *NAMES)
-    transform = VariableTransform(names, torch.cat([torch.tensor([40.0]), TRANSFORM.low]), torch.cat([torch.tensor([80.0]), TRANSFORM.high]))
+    transform = VariableTransform(
+        names, torch.cat([torch.tensor([40.0]), TRANSFORM.low]), torch.cat([torch.tensor([80.0]), TRANSFORM.high])
+    )
     info = EvalInfo(NAMES, REGIONS, columns=tuple(range(1, 10)))
 
     class PerfectWithAge:
@@ -272,7 +282,9 @@ def test_parents_beyond_the_area_variables_are_carried_but_not_scored():
                 pa_cf[:, names.index(name)] = value
             return render(pa_cf[:, 1:])[0], pa_cf
 
-    with_age = [{**b, "parents": torch.cat([torch.full((len(b["index"]), 1), 60.0), b["parents"]], 1)} for b in batches()]
+    with_age = [
+        {**b, "parents": torch.cat([torch.full((len(b["index"]), 1), 60.0), b["parents"]], 1)} for b in batches()
+    ]
 
     def context(batch):
         return EvalContext(info, transform, region_masks(), 1.0, segment, features, None, seed=3)
@@ -287,7 +299,9 @@ def flat_rows(model, n: int = 12, order=None) -> dict[str, torch.Tensor]:
     data = batches(n=n)
     if order is not None:
         data = [{k: v[order] for k, v in merge(data).items()}]
-    index, rows = collect_rows({"effectiveness": Effectiveness(), "ground-truth": GroundTruth()}, model, data, make_context)
+    index, rows = collect_rows(
+        {"effectiveness": Effectiveness(), "ground-truth": GroundTruth()}, model, data, make_context
+    )
     return {"index": index, **{f"{m}/{c}": v for m, columns in rows.items() for c, v in columns.items()}}
 
 
@@ -310,7 +324,10 @@ def test_per_image_errors_average_to_the_headline_numbers():
 
 
 def test_paired_differences_tell_a_leaky_generator_from_a_perfect_one_whatever_the_image_order():
-    perfect, leaky = flat_rows(Perfect()), flat_rows(Leaky(), order=torch.randperm(12, generator=torch.Generator().manual_seed(1)))
+    perfect, leaky = (
+        flat_rows(Perfect()),
+        flat_rows(Leaky(), order=torch.randperm(12, generator=torch.Generator().manual_seed(1))),
+    )
     differences = paired_differences({"perfect": perfect, "leaky": leaky}, len(REGIONS))
     assert {d["measured_by"] for d in differences} == {"evaluation segmentor", "true counterfactual"}
     by_segmentor = next(d for d in differences if d["measured_by"] == "evaluation segmentor")

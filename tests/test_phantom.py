@@ -70,7 +70,12 @@ def test_marginals_are_those_of_coronary_scprs(tmp_path):
     assert cpa[:, 2].mean() < cpa[:, 0].mean() and ncpa[:, 2].mean() < ncpa[:, 0].mean(), "less plaque distally"
     assert la[:, 0].mean() > la[:, 1].mean() > la[:, 2].mean(), "the lumen tapers"
     exo = src.exogenous_batch("train", np.arange(400))
-    assert (1.5 <= exo.r_prox).all() and (exo.r_prox <= 2.0).all() and (0.7 <= exo.r_dist).all() and (exo.r_dist <= 1.0).all()
+    assert (
+        (exo.r_prox >= 1.5).all()
+        and (exo.r_prox <= 2.0).all()
+        and (exo.r_dist >= 0.7).all()
+        and (exo.r_dist <= 1.0).all()
+    )
     image = r.image[:, 0]  # (N, H, W): the lumen is the brightest band, centred, and fades distally
     centre, edge = image[:, 14:18].mean(), image[:, :3].mean()
     assert centre > edge + 0.3
@@ -130,10 +135,16 @@ def test_null_counterfactual_reproduces_the_item_and_batches_match(source):
     item = source.split("train")[5]
     exo = PhantomExogenous.unpack(item["exogenous"].numpy(), len(source.variables))
     image, masks, parents = source.true_counterfactual(exo, {})
-    assert torch.equal(image, item["image"]) and torch.equal(masks, item["masks"]) and torch.equal(parents, item["parents"])
+    assert (
+        torch.equal(image, item["image"])
+        and torch.equal(masks, item["masks"])
+        and torch.equal(parents, item["parents"])
+    )
     batch = source.true_counterfactual_batch("train", [5, 6], [{"cpa_mid": 3.0}, {}])
     single = source.true_counterfactual(source.exogenous("train", 5), {"cpa_mid": 3.0})
-    assert torch.equal(batch["image"][0], single[0]) and torch.equal(batch["image"][1], source.split("train")[6]["image"])
+    assert torch.equal(batch["image"][0], single[0]) and torch.equal(
+        batch["image"][1], source.split("train")[6]["image"]
+    )
     torch.testing.assert_close(variable_areas(batch["masks"], source.regions[None], 0.25), batch["parents"])
 
 

@@ -52,7 +52,15 @@ def test_tiny_run_end_to_end_then_skip_then_redo_one_strategy(tmp_path, registry
         "pretrain", *(f"{stage}/{label}" for label in labels for stage in ("finetune", "evaluate")), "report",
     ]  # fmt: skip
     report = tmp_path / "run" / "report"
-    for name in ("table1.md", "table1.csv", "table1_ground_truth.md", "summary.md", "paired.md", "figure1.png", "report.html"):
+    for name in (
+        "table1.md",
+        "table1.csv",
+        "table1_ground_truth.md",
+        "summary.md",
+        "paired.md",
+        "figure1.png",
+        "report.html",
+    ):
         assert (report / name).is_file(), name
     results = json.loads((report / "results.json").read_text())
     pairs = {(d["later"], d["earlier"]) for d in results["paired"]}
@@ -67,7 +75,11 @@ def test_tiny_run_end_to_end_then_skip_then_redo_one_strategy(tmp_path, registry
 
     changed = tiny(tmp_path, registry, "finetune.strategies.regressor=[{name: regressor, weight: 2.0}]")
     redo = statuses(run_pipeline(changed, registry))
-    assert {name for name, status in redo.items() if status == "ran"} == {"finetune/regressor", "evaluate/regressor", "report"}
+    assert {name for name, status in redo.items() if status == "ran"} == {
+        "finetune/regressor",
+        "evaluate/regressor",
+        "report",
+    }
 
     only = statuses(run_pipeline(changed, registry, only="evaluate"))  # a group: every strategy's evaluation
     assert {name for name, status in only.items() if status == "ran"} == {f"evaluate/{label}" for label in labels}

@@ -29,7 +29,9 @@ from causalimg.plugins.specs import SPEC_KINDS, MetricSpec, PartitionerSpec
 
 def partitioner_config(name: str) -> type[StrictModel]:
     return type(  # a config model whose ``name`` is Literal[name]
-        "Config", (StrictModel,), {"__annotations__": {"name": Literal[name]}, "name": name}  # type: ignore[valid-type]
+        "Config",
+        (StrictModel,),
+        {"__annotations__": {"name": Literal[name]}, "name": name},  # type: ignore[valid-type]
     )
 
 
@@ -80,7 +82,9 @@ def test_two_plugins_with_one_name_are_an_error():
 
 def test_lookup_suggests_close_names_and_lists_valid_ones():
     registry = Registry.from_manager(fresh(("mine", Partitioners("axial-thirds", "grid"))))
-    with pytest.raises(ConfigError, match=r"'axial-thrids' \(did you mean 'axial-thirds'\?\); valid names: axial-thirds, grid"):
+    with pytest.raises(
+        ConfigError, match=r"'axial-thrids' \(did you mean 'axial-thirds'\?\); valid names: axial-thirds, grid"
+    ):
         registry.get("partitioner", "axial-thrids")
     with pytest.raises(ConfigError, match="no metric plugins are registered"):
         registry.get("metric", "fid")
@@ -95,7 +99,9 @@ def write_plugin(folder: Path, stem: str, source: str) -> Path:
 
 def test_misspelled_hook_is_an_error_naming_the_plugin_file(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_ONLY, "typo")
-    write_plugin(tmp_path, "typo", "import causalimg\n@causalimg.hookimpl\ndef causalimg_region_partitoners():\n    return []\n")
+    write_plugin(
+        tmp_path, "typo", "import causalimg\n@causalimg.hookimpl\ndef causalimg_region_partitoners():\n    return []\n"
+    )
     with pytest.raises(PluginError, match=r"plugin 'typo' \(.*typo\.py\).*causalimg_region_partitoners"):
         get_plugin_manager([tmp_path])
 

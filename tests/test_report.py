@@ -30,7 +30,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def summaries() -> dict[str, dict]:
     """Three strategies whose errors are scaled copies: pos < reg < none everywhere."""
     base = torch.rand(20, 9, 9, generator=torch.Generator().manual_seed(0)) + 1
-    return {label: error_summary(base * scale, INFO) for label, scale in (("none", 3.0), ("regressor", 2.0), ("positional-segmentor", 1.0))}
+    return {
+        label: error_summary(base * scale, INFO)
+        for label, scale in (("none", 3.0), ("regressor", 2.0), ("positional-segmentor", 1.0))
+    }
 
 
 def test_table1_layout_marks_intervened_cells_and_bolds_the_best():
@@ -46,7 +49,9 @@ def test_table1_layout_marks_intervened_cells_and_bolds_the_best():
     assert not any(line.split("|")[4].strip().endswith("†") for line in block)
     rows = list(csv.DictReader(io.StringIO(table.csv())))
     assert rows[0]["intervention"] == "do(CPA-proximal)" and rows[0]["intervened"] == "proximal"
-    assert float(rows[0]["proximal"]) == pytest.approx(summaries()["none"]["cells"]["cpa_proximal"]["cpa_proximal"]["mean"], rel=1e-5)
+    assert float(rows[0]["proximal"]) == pytest.approx(
+        summaries()["none"]["cells"]["cpa_proximal"]["cpa_proximal"]["mean"], rel=1e-5
+    )
     assert rows[3 * 4]["intervened"] == "mid"  # do(CPA-mid), first strategy (block 4 of 9, 3 rows each)
 
 
@@ -72,7 +77,9 @@ def test_figure1_and_bars_are_pngs_of_the_expected_size(tmp_path):
     png = figure1(x, cfs, regions, REGIONS, [f"do(CPA-{r} + 20)" for r in REGIONS], tmp_path / "figure1.png")
     image = Image.open(png)
     assert image.format == "PNG" and image.width > 800 and image.height > 300
-    bars = error_bars({"a": dict.fromkeys(NAMES, 1.0), "b": dict.fromkeys(NAMES, 2.0)}, NAMES, tmp_path / "bars.png", "errors")
+    bars = error_bars(
+        {"a": dict.fromkeys(NAMES, 1.0), "b": dict.fromkeys(NAMES, 2.0)}, NAMES, tmp_path / "bars.png", "errors"
+    )
     assert Image.open(bars).format == "PNG"
 
 
@@ -110,9 +117,16 @@ window.addEventListener('load', () => {
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
     ]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90)
 

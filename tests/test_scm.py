@@ -12,7 +12,6 @@ from causalimg.core.transform import VariableTransform
 from causalimg.errors import ConfigError, InterventionError
 from causalimg.mechanisms.flows import SplineFlow
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -58,7 +58,7 @@ def test_hash_is_canonical_and_depends_on_upstream():
     assert config_hash({"a": 1}, {"up": "x"}) != config_hash({"a": 1}, {"up": "y"})
     rec = Recorder()
     base = stage_hashes(pipeline(rec))
-    changed = stage_hashes([Stage("data", rec.body, {"n": 9})] + pipeline(rec)[1:])
+    changed = stage_hashes([Stage("data", rec.body, {"n": 9}), *pipeline(rec)[1:]])
     assert all(base[name] != changed[name] for name in base)
 
 
@@ -154,10 +154,9 @@ def test_selection_errors_name_the_problem(tmp_path):
 def test_atomic_path_leaves_the_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "weights.bin"
     target.write_bytes(b"good")
-    with pytest.raises(OSError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise OSError("disk full")
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
     assert target.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
 

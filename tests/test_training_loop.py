@@ -53,8 +53,9 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def make_objective(fail_at: int | None = None, nan_at: tuple[int, ...] = (), sleep: float = 0.0, extra=None,
-                   noise: float = 0.01):
+def make_objective(
+    fail_at: int | None = None, nan_at: tuple[int, ...] = (), sleep: float = 0.0, extra=None, noise: float = 0.01
+):
     """MSE of inputs with random noise (so resume must reproduce the RNG stream too)."""
 
     def objective(model, batch, step):
@@ -78,8 +79,18 @@ def train(out: Path, objective=None, resume: bool = False, extra=None, **overrid
     config = TrainConfig(**{**BASE, **overrides})
     model = make_model()
     accelerator = make_accelerator(config, out)
-    result = fit(model, objective or make_objective(extra=extra), make_data(), config, out, accelerator, seed=3,
-                 resume=resume, extra_state=[extra] if extra is not None else (), desc="test")
+    result = fit(
+        model,
+        objective or make_objective(extra=extra),
+        make_data(),
+        config,
+        out,
+        accelerator,
+        seed=3,
+        resume=resume,
+        extra_state=[extra] if extra is not None else (),
+        desc="test",
+    )
     return model, result
 
 
@@ -146,8 +157,7 @@ def test_non_finite_gradient_and_large_norm_are_skipped(tmp_path):
             out["loss"].register_hook(lambda g: g * float("inf"))
         return out
 
-    _, result = train(tmp_path, objective=objective, max_skip_fraction=1.0, skip_grad_norm=1e-9,
-                      skip_check_after=6)
+    _, result = train(tmp_path, objective=objective, max_skip_fraction=1.0, skip_grad_norm=1e-9, skip_check_after=6)
     assert result.summary["skip_reasons"] == {"non-finite gradient": 1, "gradient norm above skip_grad_norm": 2}
 
 
@@ -201,8 +211,10 @@ def _killed_run(out: str) -> None:
 def test_kill_9_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
     ref, _ = train(tmp_path / "ref", checkpoint_every=2)
     out = tmp_path / "run"
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           f"from test_training_loop import _killed_run; _killed_run({str(out)!r})"
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"from test_training_loop import _killed_run; _killed_run({str(out)!r})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not ckpt.list_checkpoints(out) and time.monotonic() < deadline:
@@ -321,8 +333,16 @@ def test_parameter_subset_freezes_the_rest_for_the_run(tmp_path):
     model = make_model()
     frozen = model[0].weight.detach().clone()
     config = TrainConfig(**BASE)
-    fit(model, make_objective(), make_data(), config, tmp_path, make_accelerator(config, tmp_path), seed=0,
-        parameters=model[2].parameters())
+    fit(
+        model,
+        make_objective(),
+        make_data(),
+        config,
+        tmp_path,
+        make_accelerator(config, tmp_path),
+        seed=0,
+        parameters=model[2].parameters(),
+    )
     assert torch.equal(model[0].weight, frozen) and model[0].weight.requires_grad
 
 

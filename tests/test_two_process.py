@@ -13,7 +13,7 @@ import pytest
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 # Each rank trains the same tiny model, saves its own final weights, and ends through ``finish``.
-SCRIPT = '''
+SCRIPT = """
 import sys
 from pathlib import Path
 
@@ -51,7 +51,7 @@ except BaseException:
     raise
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 finish(accelerator)
-'''
+"""
 
 
 def _launch(tmp_path: Path, fail_rank: int) -> subprocess.CompletedProcess:
@@ -59,9 +59,24 @@ def _launch(tmp_path: Path, fail_rank: int) -> subprocess.CompletedProcess:
     script.write_text(SCRIPT)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     # --multi_gpu with 2 processes runs two gloo ranks on CPU (--cpu --num_processes 2 runs only one).
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               str(script), str(tmp_path / "run"), str(fail_rank)]
+    command = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(script),
+        str(tmp_path / "run"),
+        str(fail_rank),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
 

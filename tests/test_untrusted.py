@@ -14,13 +14,15 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TOY_CONFIG, TOY_PLUGIN
 from torch import nn
 
 from causalimg import cli, run
@@ -35,8 +37,6 @@ from causalimg.predictors.regressor import RegressorConfig, build_regressor
 from causalimg.predictors.unet import SegmentorConfig, UNet
 from causalimg.regions.axial import AxialPartitioner
 from causalimg.training import checkpoint
-
-from conftest import TOY_CONFIG, TOY_PLUGIN
 
 
 class Payload:
@@ -79,10 +79,13 @@ def _hvae() -> HVAE:
 LOADERS: dict[str, Callable[[Path], Any]] = {
     "predictors.frozen.load_weights(UNet)": lambda p: frozen.load_weights(UNet(SegmentorConfig(widths=(4, 8))), p),
     "predictors.frozen.load_frozen(regressor)": lambda p: frozen.load_frozen(
-        build_regressor(RegressorConfig(arch="resnet10t"), 3), p),
+        build_regressor(RegressorConfig(arch="resnet10t"), 3), p
+    ),
     "training.checkpoint.load_weights(HVAE)": lambda p: checkpoint.load_weights(_hvae(), p),
     "pipeline.components.load_module(HVAE)": lambda p: load_module(_hvae(), p),
-    "pipeline.components.load_module(flows, prefix)": lambda p: load_module(nn.ModuleDict({"a": nn.Linear(1, 1)}), p, "attributes."),
+    "pipeline.components.load_module(flows, prefix)": lambda p: load_module(
+        nn.ModuleDict({"a": nn.Linear(1, 1)}), p, "attributes."
+    ),
     "core.transform.VariableTransform.load": VariableTransform.load,
 }
 
@@ -120,7 +123,9 @@ def toy_config(toy_plugin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     work.mkdir()
     monkeypatch.chdir(work)
     path = work / "exp.yaml"
-    path.write_text(yaml.safe_dump({**TOY_CONFIG, "plugins": {"dirs": [str(toy_plugin_dir)]}, "run": {"dir": "runs/a"}}))
+    path.write_text(
+        yaml.safe_dump({**TOY_CONFIG, "plugins": {"dirs": [str(toy_plugin_dir)]}, "run": {"dir": "runs/a"}})
+    )
     return path
 
 
@@ -149,7 +154,7 @@ def test_an_unusable_run_dir_is_a_clear_error_before_anything_runs(toy_config, t
 
 
 # -- where plugins come from ---------------------------------------------------------------------
-INTRUDER = '''
+INTRUDER = """
 import pathlib
 pathlib.Path({marker!r}).touch()
 from typing import Literal
@@ -163,7 +168,7 @@ class IntruderConfig(StrictModel):
 @causalimg.hookimpl
 def causalimg_region_partitioners():
     return [specs.PartitionerSpec("intruder", IntruderConfig, IntruderConfig, "Loaded without being named")]
-'''
+"""
 
 
 def test_plugins_load_only_from_entry_points_and_named_directories(tmp_path, monkeypatch, capsys):
@@ -173,7 +178,9 @@ def test_plugins_load_only_from_entry_points_and_named_directories(tmp_path, mon
     for place in places:  # the working directory, a `plugins/` folder, the run dir, the config's folder
         place.mkdir(parents=True, exist_ok=True)
         (place / "intruder.py").write_text(INTRUDER.format(marker=str(marker)))
-        (place / "causalimg_intruder.py").write_text(INTRUDER.format(marker=str(marker)).replace('"intruder', '"intruder-2'))
+        (place / "causalimg_intruder.py").write_text(
+            INTRUDER.format(marker=str(marker)).replace('"intruder', '"intruder-2')
+        )
     monkeypatch.chdir(work)
     config = tmp_path / "configs" / "exp.yaml"
     config.write_text(yaml.safe_dump({**TOY_CONFIG, "data": "phantom", "regions": "axial-thirds"}))
@@ -187,16 +194,22 @@ def test_plugins_load_only_from_entry_points_and_named_directories(tmp_path, mon
 
 
 BROKEN = {
-    "raises on import": ("raise RuntimeError('import boom')\n", r"one-file plugin '.*bad\.py' failed to import: RuntimeError: import boom"),
+    "raises on import": (
+        "raise RuntimeError('import boom')\n",
+        r"one-file plugin '.*bad\.py' failed to import: RuntimeError: import boom",
+    ),
     "raises in its hook": (
         "import causalimg\n@causalimg.hookimpl\ndef causalimg_metrics():\n    raise KeyError('hook boom')\n",
-        r"plugin 'bad' \(.*bad\.py\) failed in hook causalimg_metrics: KeyError: 'hook boom'"),
+        r"plugin 'bad' \(.*bad\.py\) failed in hook causalimg_metrics: KeyError: 'hook boom'",
+    ),
     "misspelled hook": (
         "import causalimg\n@causalimg.hookimpl\ndef causalimg_metric():\n    return []\n",
-        r"plugin 'bad' \(.*bad\.py\).*causalimg_metric"),
+        r"plugin 'bad' \(.*bad\.py\).*causalimg_metric",
+    ),
     "returns a wrong record": (
         "import causalimg\n@causalimg.hookimpl\ndef causalimg_metrics():\n    return ['fid']\n",
-        r"plugin 'bad' \(.*bad\.py\) hook causalimg_metrics returned 'fid'"),
+        r"plugin 'bad' \(.*bad\.py\) hook causalimg_metrics returned 'fid'",
+    ),
     "calls sys.exit(0) on import": ("import sys\nsys.exit(0)\n", r"bad\.py' failed to import: SystemExit: 0"),
 }
 

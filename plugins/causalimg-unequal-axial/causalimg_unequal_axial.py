@@ -7,7 +7,8 @@ given lengths; the last region takes whatever length remains.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from einops import repeat
@@ -28,7 +29,7 @@ class UnequalAxialConfig(StrictModel):
     lengths_mm: tuple[PositiveFloat, ...] = (38.4, 33.6)
 
     @model_validator(mode="after")
-    def _one_length_per_cut(self) -> "UnequalAxialConfig":
+    def _one_length_per_cut(self) -> UnequalAxialConfig:
         if len(self.lengths_mm) != len(self.region_names) - 1:
             raise ValueError(
                 f"lengths_mm needs {len(self.region_names) - 1} lengths (all regions but the last, "
@@ -47,7 +48,7 @@ class UnequalAxialPartitioner:
         self.lengths_mm = tuple(lengths_mm)
 
     @classmethod
-    def from_config(cls, config: UnequalAxialConfig) -> "UnequalAxialPartitioner":
+    def from_config(cls, config: UnequalAxialConfig) -> UnequalAxialPartitioner:
         return cls(config.region_names, config.lengths_mm)
 
     def masks(

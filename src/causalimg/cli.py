@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from causalimg import __version__
 from causalimg.errors import CausalImgError
@@ -37,14 +37,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, flag: bool = False)
     else:
         parser.add_argument("config", help=config_help)
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="A.B=VALUE",
         help="override one field, value read as YAML (repeatable), e.g. --set finetune.train.steps=10",
     )
 
 
 def add_plugin_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--plugins-dir", dest="plugin_dirs", action="append", default=[], metavar="DIR",
+        "--plugins-dir",
+        dest="plugin_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
         help="also load the one-file plugins in DIR (repeatable), as the config's plugins.dirs does",
     )
 
@@ -61,14 +69,16 @@ def _plugins(args: argparse.Namespace) -> int:
     rows = []
     for spec in registry:
         origin = registry.origin(spec.kind, spec.name)
-        rows.append({
-            "name": spec.name,
-            "kind": spec.kind,
-            "summary": spec.summary,
-            "plugin": origin.plugin,
-            "distribution": origin.distribution,
-            "version": origin.version,
-        })
+        rows.append(
+            {
+                "name": spec.name,
+                "kind": spec.kind,
+                "summary": spec.summary,
+                "plugin": origin.plugin,
+                "distribution": origin.distribution,
+                "version": origin.version,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -102,7 +112,8 @@ def _schema_arguments(parser: argparse.ArgumentParser) -> None:
     add_plugin_dir_argument(parser)
     parser.add_argument("--markdown", action="store_true", help="print the config reference as markdown")
     parser.add_argument(
-        "--builtin-only", action="store_true",
+        "--builtin-only",
+        action="store_true",
         help="only the built-in plugins' sections (how docs/config.md is generated)",
     )
 
@@ -146,8 +157,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("plugins", "list registered components with their distribution", _plugins_arguments, _plugins),
     Command("validate", "check a config and its overrides", _validate_arguments, _validate),
     Command("schema", "print the JSON schema of the run config", _schema_arguments, _schema),
-    Command("contact-sheet", "render data-set samples with masks and regions to a PNG", _contact_sheet_arguments,
-            _contact_sheet),
+    Command(
+        "contact-sheet",
+        "render data-set samples with masks and regions to a PNG",
+        _contact_sheet_arguments,
+        _contact_sheet,
+    ),
 )
 
 

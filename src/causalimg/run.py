@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from causalimg.cli import add_config_arguments, report_errors
 from causalimg.config.loader import dump_config, load_config
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser, flag=True)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--only", choices=STAGES, metavar="STAGE", help=f"run one stage ({', '.join(STAGES)})")
-    which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the ones after it")
+    which.add_argument(
+        "--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the ones after it"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in run.dir with the same config")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     return parser
@@ -45,7 +48,7 @@ def select_stages(only: str | None = None, start: str | None = None) -> tuple[st
     """The stages to run, in order: all, one (``--only``) or a suffix (``--from``)."""
     if only is not None:
         return (only,)
-    return STAGES[STAGES.index(start):] if start is not None else STAGES
+    return STAGES[STAGES.index(start) :] if start is not None else STAGES
 
 
 def plan(config: Any, stages: Sequence[str]) -> list[str]:

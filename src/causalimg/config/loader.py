@@ -10,8 +10,9 @@ import difflib
 import importlib.resources
 import os
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Mapping, Sequence, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -34,7 +35,9 @@ def resolve_config_path(name: str | os.PathLike[str]) -> Path:
     if path.suffix == "" and path.name == str(name):
         if str(name) in shipped_configs():
             return Path(str(importlib.resources.files(SHIPPED_CONFIGS) / f"{name}.yaml"))
-        raise ConfigError(f"config {str(name)!r} is neither a file nor a shipped config ({', '.join(shipped_configs()) or 'none'})")
+        raise ConfigError(
+            f"config {str(name)!r} is neither a file nor a shipped config ({', '.join(shipped_configs()) or 'none'})"
+        )
     raise ConfigError(f"config file {str(path)!r} does not exist")
 
 
@@ -214,7 +217,9 @@ def format_validation_error(
             kind = PLUGIN_SECTIONS.get(where)
             if kind and registry is not None:
                 names = registry.names(kind)
-                message = f"choose a {kind} by name: {', '.join(names)}" if names else f"no {kind} plugins are registered"
+                message = (
+                    f"choose a {kind} by name: {', '.join(names)}" if names else f"no {kind} plugins are registered"
+                )
         elif error["type"] == "extra_forbidden":
             line = f"{where}: unknown field"
             message = _unknown_field_message(model, error["loc"])

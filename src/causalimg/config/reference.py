@@ -62,7 +62,12 @@ class _Writer:
         text = "path" if node.get("format") == "path" else str(kind)
         bounds = [
             f"{symbol} {node[key]}"
-            for key, symbol in (("exclusiveMinimum", ">"), ("minimum", ">="), ("exclusiveMaximum", "<"), ("maximum", "<="))
+            for key, symbol in (
+                ("exclusiveMinimum", ">"),
+                ("minimum", ">="),
+                ("exclusiveMaximum", "<"),
+                ("maximum", "<="),
+            )
             if key in node
         ]
         return text + (f" ({', '.join(bounds)})" if bounds else "")
@@ -77,7 +82,7 @@ class _Writer:
         later: list[tuple[str, dict[str, Any], str]] = []
         rows = ["| field | type | default |", "|---|---|---|"]
         self.rows(node, prefix, rows, later, defaults if isinstance(defaults, dict) else None)
-        self.out += rows + [""]
+        self.out += [*rows, ""]
         for sub_title, sub_node, sub_prefix in later:
             self.section(sub_title, sub_node, sub_prefix)
 
@@ -132,7 +137,7 @@ def config_markdown(model: Any) -> str:
             later: list = []
             rows = ["| field | type | default |", "|---|---|---|"]
             writer.rows(node, "", rows, later)
-            writer.out += rows + [""]
+            writer.out += [*rows, ""]
             for title, sub_node, prefix in later:
                 writer.section(title, sub_node, prefix)
     return "\n".join(writer.out).rstrip() + "\n"

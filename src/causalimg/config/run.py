@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Annotated, Any, Literal, Mapping, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -98,7 +99,8 @@ def _plugin_name_check(registry: Registry, kind: str):
         if isinstance(value, Mapping):
             if "name" not in value:
                 raise PydanticCustomError(
-                    "plugin_name_missing", "{kind} needs a 'name'; valid names: {names}",
+                    "plugin_name_missing",
+                    "{kind} needs a 'name'; valid names: {names}",
                     {"kind": kind, "names": ", ".join(names)},
                 )
             try:
@@ -116,7 +118,7 @@ def plugin_union(registry: Registry, kind: str) -> Any:
     check = BeforeValidator(_plugin_name_check(registry, kind))
     if not configs:
         return Annotated[Any, check]
-    return Annotated[Union[configs], Field(discriminator="name"), check]  # type: ignore[valid-type]
+    return Annotated[Union[configs], Field(discriminator="name"), check]  # type: ignore[valid-type]  # noqa: UP007 (a runtime tuple of types)
 
 
 def _default_config(registry: Registry, kind: str, name: str) -> BaseModel | None:

@@ -51,7 +51,7 @@ class GuidanceStrategy(nn.Module):
     def forward(self, inputs: GuidanceInputs) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "GuidanceStrategy":
+    def train(self, mode: bool = True) -> GuidanceStrategy:
         super().train(mode)
         for module in self.children():
             module.eval()

@@ -6,7 +6,8 @@ A partitioner splits an image into K named, disjoint regions. The regional area 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from einops import einsum

@@ -31,7 +31,9 @@ class SCM:
 
     def __init__(self, graph: Mapping[str, Sequence[str]], image_parents: Sequence[str] | None = None):
         if IMAGE in graph:
-            raise ConfigError(f"graph: {IMAGE!r} is the image node; give its parents as image_parents, not as a variable")
+            raise ConfigError(
+                f"graph: {IMAGE!r} is the image node; give its parents as image_parents, not as a variable"
+            )
         for child, parents in graph.items():
             if isinstance(parents, str):
                 raise ConfigError(f"graph: parents of {child!r} must be a list of names, got the string {parents!r}")
@@ -100,7 +102,7 @@ def _find_cycle(parents: Mapping[str, tuple[str, ...]]) -> list[str]:
     while True:
         nxt = next(p for p in parents[path[-1]] if p in parents)
         if nxt in path:
-            cycle = path[path.index(nxt) :] + [nxt]
+            cycle = [*path[path.index(nxt) :], nxt]
             return cycle[::-1]  # parent -> child direction
         path.append(nxt)
 
@@ -151,7 +153,9 @@ class DSCM(nn.Module):
 
     def _check_pa(self, pa: torch.Tensor) -> None:
         if pa.ndim != 2 or pa.shape[1] != len(self._col):
-            raise ValueError(f"pa must be (B, {len(self._col)}) in columns {self.transform.names}, got {tuple(pa.shape)}")
+            raise ValueError(
+                f"pa must be (B, {len(self._col)}) in columns {self.transform.names}, got {tuple(pa.shape)}"
+            )
 
     def _do_values(self, do: Intervention, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """Validate an intervention and return each target as (B,) in data units."""

@@ -25,7 +25,7 @@ class VariableTransform:
     high: torch.Tensor  # (P,)
 
     @classmethod
-    def fit(cls, names: tuple[str, ...], values: torch.Tensor) -> "VariableTransform":
+    def fit(cls, names: tuple[str, ...], values: torch.Tensor) -> VariableTransform:
         """values: (N, P) observed training values."""
         values = values.double()
         low, high = values.min(0).values, values.max(0).values
@@ -62,7 +62,7 @@ class VariableTransform:
         path.write_text(json.dumps(data, indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> "VariableTransform":
+    def load(cls, path: Path) -> VariableTransform:
         try:  # JSON only: the file can hold names and numbers, never code
             data = json.loads(Path(path).read_text())
             return cls(tuple(data["names"]), torch.tensor(data["low"]), torch.tensor(data["high"]))

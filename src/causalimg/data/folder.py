@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class FolderSource:
             self._report_skipped()
 
     @classmethod
-    def from_config(cls, config: FolderConfig, *, partitioner: Partitioner, root: Path) -> "FolderSource":
+    def from_config(cls, config: FolderConfig, *, partitioner: Partitioner, root: Path) -> FolderSource:
         return cls(config, partitioner, root)
 
     def _label_lookup(self) -> np.ndarray:
@@ -243,8 +244,10 @@ class FolderSource:
             files.append(path)
             parents.append(pa)
         if not files:
-            raise DataError(f"{folder}: no usable .npz or .png/_mask.png files" + (
-                f" ({len(self.skipped)} skipped, see {self.root / 'folder_skipped.txt'})" if self.skipped else ""))
+            raise DataError(
+                f"{folder}: no usable .npz or .png/_mask.png files"
+                + (f" ({len(self.skipped)} skipped, see {self.root / 'folder_skipped.txt'})" if self.skipped else "")
+            )
         self._files[split] = files
         self._parents[split] = torch.stack(parents)
 

@@ -13,12 +13,14 @@ See docs/data.md for the generative model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -114,7 +116,7 @@ class PhantomSource:
         self._cache: dict[str, dict[str, np.ndarray]] = {}
 
     @classmethod
-    def from_config(cls, config: PhantomConfig, *, partitioner: Partitioner, root: Path) -> "PhantomSource":
+    def from_config(cls, config: PhantomConfig, *, partitioner: Partitioner, root: Path) -> PhantomSource:
         return cls(config, partitioner, root)
 
     def __getstate__(self) -> dict:
@@ -131,7 +133,7 @@ class PhantomSource:
         digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, spec], sort_keys=True).encode()).hexdigest()
         return self.root / f"phantom-{digest[:12]}"
 
-    def _split_arrays(self, split: Split) -> dict[str, "NpyRows"]:
+    def _split_arrays(self, split: Split) -> dict[str, NpyRows]:
         """The cached split as row readers, generated (streaming, atomically) on first use."""
         if split not in self._cache:
             folder = self.cache_dir / f"{split}-{self.size(split)}"
@@ -148,19 +150,20 @@ class PhantomSource:
         n = self.size(split)
         tag = f".tmp-{os.getpid()}"
         first = self.render_indices(split, np.arange(min(CHUNK, n)))
-        outs = {}  # appended chunk by chunk with plain writes: nothing of the split stays mapped in memory
-        for name, arr in vars(first).items():
-            outs[name] = open(folder / f"{name}.npy{tag}", "wb")
-            header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": (n, *arr.shape[1:])}
-            np.lib.format.write_array_header_2_0(outs[name], header)
-        try:
+        # appended chunk by chunk with plain writes: nothing of the split stays mapped in memory
+        with contextlib.ExitStack() as stack:
+            outs = {name: stack.enter_context(open(folder / f"{name}.npy{tag}", "wb")) for name in vars(first)}
+            for name, arr in vars(first).items():
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(arr.dtype),
+                    "fortran_order": False,
+                    "shape": (n, *arr.shape[1:]),
+                }
+                np.lib.format.write_array_header_2_0(outs[name], header)
             for start in range(0, n, CHUNK):
                 part = first if start == 0 else self.render_indices(split, np.arange(start, min(start + CHUNK, n)))
                 for name, arr in vars(part).items():
                     outs[name].write(np.ascontiguousarray(arr).tobytes())
-        finally:
-            for out in outs.values():
-                out.close()
         for name in outs:
             os.replace(folder / f"{name}.npy{tag}", folder / f"{name}.npy")
         manifest = {"config": self.config.model_dump(mode="json"), "split": split, "size": n}

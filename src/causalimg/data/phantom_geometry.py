@@ -85,7 +85,7 @@ class PhantomExogenous:
         return np.concatenate([getattr(self, f.name).reshape(len(self), -1) for f in fields(self)], axis=1)
 
     @classmethod
-    def unpack(cls, packed: np.ndarray, num_variables: int) -> "PhantomExogenous":
+    def unpack(cls, packed: np.ndarray, num_variables: int) -> PhantomExogenous:
         """Inverse of :meth:`pack` for a batch (B, E) or one image (E,)."""
         packed = np.atleast_2d(np.asarray(packed, dtype=np.float64))
         out, at = {}, 0
@@ -96,7 +96,7 @@ class PhantomExogenous:
         out["key"] = out["key"].astype(np.int64)
         return cls(**out)
 
-    def select(self, rows: np.ndarray | slice) -> "PhantomExogenous":
+    def select(self, rows: np.ndarray | slice) -> PhantomExogenous:
         return PhantomExogenous(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
@@ -249,7 +249,7 @@ class Profiles:
     wall: np.ndarray  # (B, 2) wall thickness
     ca_gap: np.ndarray  # (B,)
 
-    def take(self, rows: np.ndarray) -> "Profiles":
+    def take(self, rows: np.ndarray) -> Profiles:
         """The profiles of images ``rows`` only."""
         return Profiles(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 

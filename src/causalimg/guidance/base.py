@@ -100,7 +100,7 @@ class MeasurementGuidance(GuidanceStrategy, ABC):
         self.predictor = freeze(predictor)
 
     @classmethod
-    def from_config(cls, config: GuidanceConfig, *, predictors: GuidancePredictors) -> "MeasurementGuidance":
+    def from_config(cls, config: GuidanceConfig, *, predictors: GuidancePredictors) -> MeasurementGuidance:
         predictor = getattr(predictors, cls.predictor_field)
         if predictor is None:
             raise ConfigError(

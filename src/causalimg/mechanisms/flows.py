@@ -42,7 +42,7 @@ class SplineFlow(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config: SplineFlowConfig, *, num_context: int) -> "SplineFlow":
+    def from_config(cls, config: SplineFlowConfig, *, num_context: int) -> SplineFlow:
         return cls(num_context, transforms=config.transforms, bins=config.bins, hidden=config.hidden)
 
     def _distribution(self, context: torch.Tensor | None):

@@ -93,7 +93,9 @@ def stage_resolutions(image_shape: Resolution, factors=None) -> tuple[Resolution
     out = [(h, w)]
     for fh, fw in factors:
         if h % fh or w % fw:
-            raise ConfigError(f"hvae.stage_factors: ({fh}, {fw}) does not divide the {h} x {w} stage of a {image_shape[0]} x {image_shape[1]} image")
+            raise ConfigError(
+                f"hvae.stage_factors: ({fh}, {fw}) does not divide the {h} x {w} stage of a {image_shape[0]} x {image_shape[1]} image"
+            )
         h, w = h // fh, w // fw
         out.append((h, w))
     if out[-1] != (1, 1):
@@ -142,7 +144,15 @@ def resolve(config: HVAEConfig, image_shape: Resolution) -> Architecture:
 class HVAE(nn.Module):
     """Hierarchical VAE image mechanism; images (B, 1, H, W) in [-1, 1], parents (B, P) normalised."""
 
-    def __init__(self, arch: Architecture, num_parents: int, *, beta: float = 1.0, dropout: float = 0.1, checkpointing: bool = False):
+    def __init__(
+        self,
+        arch: Architecture,
+        num_parents: int,
+        *,
+        beta: float = 1.0,
+        dropout: float = 0.1,
+        checkpointing: bool = False,
+    ):
         super().__init__()
         if num_parents < 1:
             raise ConfigError(f"hvae: the image needs at least one parent, got num_parents={num_parents}")
@@ -159,7 +169,7 @@ class HVAE(nn.Module):
         self.likelihood = DiscretisedGaussian(arch.widths[0])
 
     @classmethod
-    def from_config(cls, config: HVAEConfig, *, image_shape: tuple[int, int], num_parents: int) -> "HVAE":
+    def from_config(cls, config: HVAEConfig, *, image_shape: tuple[int, int], num_parents: int) -> HVAE:
         arch = resolve(config, image_shape)
         return cls(arch, num_parents, beta=config.beta, dropout=config.dropout, checkpointing=config.checkpointing)
 
@@ -167,7 +177,9 @@ class HVAE(nn.Module):
         if pa.ndim != 2 or pa.shape[1] != self.num_parents:
             raise ValueError(f"hvae: parents must be (B, {self.num_parents}), got {tuple(pa.shape)}")
         if x is not None and (x.ndim != 4 or tuple(x.shape[1:]) != (1, *self.image_shape)):
-            raise ValueError(f"hvae: images must be (B, 1, {self.image_shape[0]}, {self.image_shape[1]}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"hvae: images must be (B, 1, {self.image_shape[0]}, {self.image_shape[1]}), got {tuple(x.shape)}"
+            )
 
     def _decode(self, pa, x=None, latents=None, t=1.0):
         """-> (loc, log_scale (B, 1, H, W) float32, KL terms, latents)."""

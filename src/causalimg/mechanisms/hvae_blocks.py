@@ -204,7 +204,6 @@ class Decoder(nn.Module):
                     k += 1
         return h, kls, zs
 
-
     def _memory_format(self) -> torch.memory_format:
         """channels_last if the model was converted to it (read off a 3 x 3 weight, whose layout is unambiguous)."""
         w = self.stages[-1][0].res.branch[2].weight

@@ -14,8 +14,9 @@ signature of ``core.scm.DSCM.counterfactual`` at a fixed temperature (``DSCMCoun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ class EvalContext:
     features: Callable[[torch.Tensor], torch.Tensor]
     true_counterfactual: TrueCounterfactual | None = None
     seed: int = 0
-    _sweep: "Sweep | None" = field(default=None, repr=False)
+    _sweep: Sweep | None = field(default=None, repr=False)
 
     def measure(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation-segmentor areas of every area variable, (N, V) in mm^2.
@@ -116,7 +117,7 @@ class EvalContext:
             regions = repeat(regions, "b k h w -> (b r) k h w", r=images.shape[0] // regions.shape[0])
         return variable_areas(self.segment(images), regions, self.pixel_area_mm2)
 
-    def sweep(self, model: CounterfactualModel, batch: Mapping[str, Any]) -> "Sweep":
+    def sweep(self, model: CounterfactualModel, batch: Mapping[str, Any]) -> Sweep:
         """do(v := target) for each variable v in turn, computed once per batch and shared."""
         if self._sweep is None:
             self._sweep = Sweep.compute(model, batch, self)
@@ -140,7 +141,7 @@ class Sweep:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> "Sweep":
+    def compute(cls, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> Sweep:
         x, pa = batch["image"], batch["parents"]
         columns = context.info.parent_columns
         targets = intervention_targets(batch["index"], context.transform, context.seed, TARGET_STREAM).to(pa)
@@ -243,7 +244,9 @@ def collect_rows(
         for name, metric in metrics.items():
             for column, value in metric(model, batch, context).items():
                 collected[name].setdefault(column, []).append(gather(value.detach().float().contiguous()).cpu())
-    rows = {name: {column: torch.cat(parts) for column, parts in columns.items()} for name, columns in collected.items()}
+    rows = {
+        name: {column: torch.cat(parts) for column, parts in columns.items()} for name, columns in collected.items()
+    }
     return (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)), rows
 
 

@@ -6,7 +6,8 @@ x_1 = f(x, pa, do()), x_n = f(x_{n-1}, pa, do()); reported as the mean L1 distan
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from einops import reduce
@@ -35,7 +36,7 @@ class Composition:
         self.cycles = tuple(sorted(set(cycles)))
 
     @classmethod
-    def from_config(cls, config: CompositionConfig) -> "Composition":
+    def from_config(cls, config: CompositionConfig) -> Composition:
         return cls(config.cycles)
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ evaluation segmentor's own error on the factual images is reported as its floor.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -52,9 +53,7 @@ def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
     non-intervened variable.
     """
     names, k = info.variables, len(info.region_names)
-    cells = {
-        do: {measured: mean_ci(errors[:, i, j]) for j, measured in enumerate(names)} for i, do in enumerate(names)
-    }
+    cells = {do: {measured: mean_ci(errors[:, i, j]) for j, measured in enumerate(names)} for i, do in enumerate(names)}
     per_do = errors.nanmean(0)  # (P_do, P_measured); NaN rows: no ground truth for that image
     eye, same = error_masks(len(names), k)
     return {
@@ -64,7 +63,8 @@ def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
         "off_target_all": float(per_do[~eye].nanmean()),
         "intervened_by_variable": {name: float(per_do[i, i]) for i, name in enumerate(names)},
         "off_target_by_variable": {
-            name: float(per_do[i][same[i] & ~eye[i]].nanmean()) if k > 1 else float("nan") for i, name in enumerate(names)
+            name: float(per_do[i][same[i] & ~eye[i]].nanmean()) if k > 1 else float("nan")
+            for i, name in enumerate(names)
         },
     }
 
@@ -75,7 +75,7 @@ class Effectiveness:
     name = "effectiveness"
 
     @classmethod
-    def from_config(cls, config: EffectivenessConfig) -> "Effectiveness":
+    def from_config(cls, config: EffectivenessConfig) -> Effectiveness:
         return cls()
 
     @torch.no_grad()

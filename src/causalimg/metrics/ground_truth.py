@@ -16,7 +16,8 @@ and left out of the means.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from einops import reduce
@@ -47,7 +48,7 @@ class GroundTruth:
     name = "ground-truth"
 
     @classmethod
-    def from_config(cls, config: GroundTruthConfig) -> "GroundTruth":
+    def from_config(cls, config: GroundTruthConfig) -> GroundTruth:
         return cls()
 
     @torch.no_grad()
@@ -55,7 +56,7 @@ class GroundTruth:
         if context.true_counterfactual is None:
             return {}
         sweep = context.sweep(model, batch)
-        b, p = sweep.targets.shape
+        b, _p = sweep.targets.shape
         k = len(context.info.region_names)
         regions = context.regions.expand(b, -1, -1, -1)  # (B, K, H, W)
         area_error, floor, mae_in, mae_out, psnr_in, psnr_out, unreachable = [], [], [], [], [], [], []

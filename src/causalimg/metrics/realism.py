@@ -13,7 +13,8 @@ segmentor and number of images.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -44,7 +45,7 @@ class Realism:
     name = "realism"
 
     @classmethod
-    def from_config(cls, config: RealismConfig) -> "Realism":
+    def from_config(cls, config: RealismConfig) -> Realism:
         return cls()
 
     @torch.no_grad()

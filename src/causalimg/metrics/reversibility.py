@@ -8,7 +8,8 @@ support cannot be intervened back to (do() refuses it): counted as ``outside_sup
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -27,7 +28,7 @@ class Reversibility:
     name = "reversibility"
 
     @classmethod
-    def from_config(cls, config: ReversibilityConfig) -> "Reversibility":
+    def from_config(cls, config: ReversibilityConfig) -> Reversibility:
         return cls()
 
     @torch.no_grad()

@@ -20,8 +20,8 @@ from causalimg.errors import DataError
 from causalimg.plugins.manager import Registry
 from causalimg.predictors.frozen import load_frozen
 from causalimg.predictors.regressor import RegressorConfig, build_regressor
-from causalimg.training.checkpoint import load_tensors
 from causalimg.predictors.unet import SegmentorConfig, UNet
+from causalimg.training.checkpoint import load_tensors
 
 TRANSFORM_FILE = "transform.json"
 WEIGHTS_FILE = "weights.safetensors"  # what training.loop.fit writes into its folder
@@ -58,13 +58,17 @@ def attribute_mechanisms(config: Any, registry: Registry, source: DataSource) ->
 
 def image_mechanism(config: Any, registry: Registry, source: DataSource) -> nn.Module:
     spec = registry.get("image_mechanism", config.image_mechanism.name)
-    return spec.factory(config.image_mechanism, image_shape=tuple(source.image_shape), num_parents=len(source.variables))
+    return spec.factory(
+        config.image_mechanism, image_shape=tuple(source.image_shape), num_parents=len(source.variables)
+    )
 
 
 def dscm(config: Any, registry: Registry, source: DataSource, transform: VariableTransform) -> DSCM:
     """An untrained DSCM over the data's graph; load weights with ``load_module``."""
     graph = {v: tuple(source.graph.get(v, ())) for v in source.variables}
-    return DSCM(SCM(graph), attribute_mechanisms(config, registry, source), image_mechanism(config, registry, source), transform)
+    return DSCM(
+        SCM(graph), attribute_mechanisms(config, registry, source), image_mechanism(config, registry, source), transform
+    )
 
 
 def load_module(module: nn.Module, path: Path, prefix: str = "") -> nn.Module:
@@ -77,7 +81,9 @@ def load_module(module: nn.Module, path: Path, prefix: str = "") -> nn.Module:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise DataError(f"weights {str(path)!r} do not fit {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise DataError(
+            f"weights {str(path)!r} do not fit {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return module
 
 

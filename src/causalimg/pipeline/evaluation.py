@@ -8,7 +8,8 @@ where it has them. The test images are sharded over processes and the rows gathe
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,14 @@ from torch.utils.data import DataLoader, Subset
 from causalimg.config.sections import TrainConfig
 from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name, variable_names
 from causalimg.errors import InterventionError
-from causalimg.metrics.base import DSCMCounterfactuals, EvalContext, EvalInfo, TrueCounterfactual, collect_rows, summarise
+from causalimg.metrics.base import (
+    DSCMCounterfactuals,
+    EvalContext,
+    EvalInfo,
+    TrueCounterfactual,
+    collect_rows,
+    summarise,
+)
 from causalimg.pipeline.stage import StageContext, atomic_path, atomic_write_json
 from causalimg.training.accelerator import make_accelerator
 
@@ -42,7 +50,9 @@ def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
     if render is None:
         return None
 
-    def truth(batch: Mapping[str, Any], do: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def truth(
+        batch: Mapping[str, Any], do: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         indices = batch["index"].tolist()
         wanted = [{name: float(values[i]) for name, values in do.items()} for i in range(len(indices))]
         try:
@@ -64,7 +74,9 @@ def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
     return truth
 
 
-def figure_images(dscm: Any, batch: Mapping[str, torch.Tensor], region_names: tuple[str, ...], temperature: float) -> dict[str, torch.Tensor]:
+def figure_images(
+    dscm: Any, batch: Mapping[str, torch.Tensor], region_names: tuple[str, ...], temperature: float
+) -> dict[str, torch.Tensor]:
     """Counterfactuals of one test image, +20 mm^2 calcified plaque in each region in turn.
 
     The image is the one of the batch with the most room for the change in its tightest region, so
@@ -101,7 +113,13 @@ def figure_titles(figure: Mapping[str, torch.Tensor], region_names: tuple[str, .
 
 
 def evaluate_strategy(
-    dscm: Any, evaluation_segmentor: torch.nn.Module, source: Any, config: Any, registry: Any, ctx: StageContext, seed: int
+    dscm: Any,
+    evaluation_segmentor: torch.nn.Module,
+    source: Any,
+    config: Any,
+    registry: Any,
+    ctx: StageContext,
+    seed: int,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``rows.safetensors`` and ``figure.safetensors``; returns the headline numbers."""
     accelerator = make_accelerator(TrainConfig(), ctx.dir)
@@ -136,7 +154,11 @@ def evaluate_strategy(
     summaries = summarise(metrics, rows, info)
     if accelerator.is_main_process:
         atomic_write_json(ctx.dir / METRICS_FILE, {"num_images": n, "metrics": summaries})
-        flat = {f"{name}/{column}": value.contiguous() for name, columns in rows.items() for column, value in columns.items()}
+        flat = {
+            f"{name}/{column}": value.contiguous()
+            for name, columns in rows.items()
+            for column, value in columns.items()
+        }
         with atomic_path(ctx.dir / ROWS_FILE) as tmp:
             save_file({"index": indices.long().contiguous(), **flat}, str(tmp))
         first = next(iter(DataLoader(Subset(test, range(min(n, 32))), batch_size=32)))

@@ -63,5 +63,7 @@ def check_pretrained(
     x = shown["image"].to(device)
     pa = dscm.image_parents(transform.normalise(shown["parents"].to(device)))
     torch.manual_seed(0)
-    reconstruction_grid(x.cpu(), image.reconstruct(x, pa).cpu(), image.sample(pa, t=0.7).cpu(), out_dir / "reconstructions.png")
+    reconstruction_grid(
+        x.cpu(), image.reconstruct(x, pa).cpu(), image.sample(pa, t=0.7).cpu(), out_dir / "reconstructions.png"
+    )
     return result

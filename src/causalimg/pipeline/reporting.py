@@ -9,8 +9,9 @@ summary.md/.csv, paired.md/.csv, figure1.png, intervened_error.png, results.json
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from safetensors.torch import load_file
 
@@ -28,7 +29,9 @@ def findings(results: dict[str, dict[str, Any]], variables: Sequence[str]) -> li
     lines = []
     for metric, what in (("effectiveness", "evaluation segmentor"), ("ground-truth", "true counterfactual")):
         scored = {
-            label: r[metric] for label, r in results.items() if isinstance(r.get(metric), dict) and "intervened" in r[metric]
+            label: r[metric]
+            for label, r in results.items()
+            if isinstance(r.get(metric), dict) and "intervened" in r[metric]
         }
         if not scored:
             continue
@@ -84,9 +87,15 @@ def write_run_report(
     tables: list[tuple[str, Table]] = []
     for name, metric, title in (
         ("table1", "effectiveness", "Table 1: effectiveness by the evaluation segmentor (mm^2)"),
-        ("table1_ground_truth", "ground-truth", "Table 1 (ground truth): evaluation-segmentor areas on x~ vs the TRUE counterfactual (mm^2)"),
+        (
+            "table1_ground_truth",
+            "ground-truth",
+            "Table 1 (ground truth): evaluation-segmentor areas on x~ vs the TRUE counterfactual (mm^2)",
+        ),
     ):
-        scored = {label: r[metric] for label, r in results.items() if isinstance(r.get(metric), dict) and "cells" in r[metric]}
+        scored = {
+            label: r[metric] for label, r in results.items() if isinstance(r.get(metric), dict) and "cells" in r[metric]
+        }
         if scored:
             tables.append((name, intervention_table(scored, variables, regions, title)))
     tables.append(("summary", summary_table(results)))
@@ -95,7 +104,11 @@ def write_run_report(
     if differences:
         tables.append(("paired", paired_table(differences)))
     headline = {
-        label: {m: {k: r[m][k] for k in ("intervened", "off_target") if k in r.get(m, {})} for m in ("effectiveness", "ground-truth") if m in r}
+        label: {
+            m: {k: r[m][k] for k in ("intervened", "off_target") if k in r.get(m, {})}
+            for m in ("effectiveness", "ground-truth")
+            if m in r
+        }
         for label, r in results.items()
     }
     lines = findings(results, variables) + paper_order_findings(differences)
@@ -116,8 +129,14 @@ def write_run_report(
             bars = {label: r["effectiveness"]["intervened_by_variable"] for label, r in results.items()}
             figures.append((error_bars(bars, variables, out / "intervened_error.png", "Intervened-region error (evaluation segmentor)"),
                             "Intervened-region error per intervention and strategy (mm^2, lower is better)"))  # fmt: skip
-        timings = {name: {"status": "done", **_timing(run_dir / name)} for name in stage_names if (run_dir / name / DONE).is_file()}
-        atomic_write_json(out / "results.json", {"strategies": results, "paired": differences, "findings": lines, "timings": timings})
+        timings = {
+            name: {"status": "done", **_timing(run_dir / name)}
+            for name in stage_names
+            if (run_dir / name / DONE).is_file()
+        }
+        atomic_write_json(
+            out / "results.json", {"strategies": results, "paired": differences, "findings": lines, "timings": timings}
+        )
         write_report(
             out / "report.html",
             title=f"causalimg run {run_dir.name}",

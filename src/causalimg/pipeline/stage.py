@@ -26,10 +26,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from causalimg.errors import ConfigError
 
@@ -201,7 +202,9 @@ def select(stages: Sequence[Stage], only: str | None, start: str | None) -> set[
     if not matches:
         flag = "--only" if only is not None else "--from"
         groups = list(dict.fromkeys(group_of(n) for n in names))
-        raise ConfigError(f"{flag} {chosen!r} is not a stage; stages: {', '.join(groups)} (or one of {', '.join(names)})")
+        raise ConfigError(
+            f"{flag} {chosen!r} is not a stage; stages: {', '.join(groups)} (or one of {', '.join(names)})"
+        )
     if only is not None:
         return {names[i] for i in matches}
     return set(names[matches[0] :])
@@ -258,7 +261,9 @@ def run_stages(
         log(f"[{stage.name}] running ({stage_hash[:12]})")
         _prepare(stage_dir, stage_hash, group)
         if group.is_main_process:
-            atomic_write_json(stage_dir / CONFIG, {"stage": stage.name, "config": stage.config, "upstream": list(stage.upstream)})
+            atomic_write_json(
+                stage_dir / CONFIG, {"stage": stage.name, "config": stage.config, "upstream": list(stage.upstream)}
+            )
         context = StageContext(stage.name, stage_dir, stage_hash, {u: run_dir / u for u in stage.upstream}, group)
         began = time.perf_counter()
         summary = dict(stage.run(context) or {})

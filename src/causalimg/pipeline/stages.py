@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,9 @@ class Pipeline:
 
     def train(self, model, objective, dataset, train: TrainConfig, ctx: StageContext, seed: int, **kw) -> dict:
         accelerator = make_accelerator(train, ctx.dir, tracking=self.config.tracking)
-        result = fit(model, objective, dataset, train, ctx.dir, accelerator, seed=seed, desc=ctx.name, resume=True, **kw)
+        result = fit(
+            model, objective, dataset, train, ctx.dir, accelerator, seed=seed, desc=ctx.name, resume=True, **kw
+        )
         return result.summary
 
     def seeded(self, body: Callable[[StageContext], Any]) -> Callable[[StageContext], Any]:
@@ -148,7 +151,9 @@ class Pipeline:
         def objective(model, batch, step):
             return {"loss": -dscm.flow_log_prob(batch["parents"]).mean()}
 
-        summary = self.train(dscm.attributes, objective, parents, self.config.flows_train, ctx, self.seed + SEED["flows"])
+        summary = self.train(
+            dscm.attributes, objective, parents, self.config.flows_train, ctx, self.seed + SEED["flows"]
+        )
         with torch.no_grad():
             dscm.cpu()
             test = build.split_parents(source.split("test"))
@@ -162,7 +167,9 @@ class Pipeline:
         seed = self.seed + SEED[which]
         half = Subset(train_split, segmentor_half(len(train_split), which, self.seed))
         model = build.segmentor(self.config)
-        summary = self.train(model, lambda m, b, s: segmentor_objective(m, b), half, self.config.predictors.segmentor.train, ctx, seed)
+        summary = self.train(
+            model, lambda m, b, s: segmentor_objective(m, b), half, self.config.predictors.segmentor.train, ctx, seed
+        )
         summary["train_images"] = len(half)
         summary["test_dice"] = evaluate_dice(model, DataLoader(source.split("test"), batch_size=64))
         return summary
@@ -186,9 +193,13 @@ class Pipeline:
         def objective(model, batch, step):
             pa = dscm.image_parents(transform.normalise(batch["parents"]))
             out = model.loss(batch["image"], pa)
-            return {name: value.mean() for name, value in (("loss", out["nelbo"]), ("nll", out["nll"]), ("kl", out["kl"]))}
+            return {
+                name: value.mean() for name, value in (("loss", out["nelbo"]), ("nll", out["nll"]), ("kl", out["kl"]))
+            }
 
-        summary = self.train(dscm.image, objective, source.split("train"), self.config.pretrain, ctx, self.seed + SEED["pretrain"])
+        summary = self.train(
+            dscm.image, objective, source.split("train"), self.config.pretrain, ctx, self.seed + SEED["pretrain"]
+        )
         if self.accelerator.is_main_process:  # fit leaves the EMA weights in the model
             summary.update(check_pretrained(dscm, transform, source.split("train"), source.split("test"), ctx.dir))
         return summary
@@ -219,7 +230,14 @@ class Pipeline:
         )  # fmt: skip
         accelerator = make_accelerator(fc.train, ctx.dir, tracking=self.config.tracking)
         result = finetune_dscm(
-            cft, train_split, fc.train, ctx.dir, accelerator, seed=self.seed + SEED["finetune"], resume=True, desc=ctx.name
+            cft,
+            train_split,
+            fc.train,
+            ctx.dir,
+            accelerator,
+            seed=self.seed + SEED["finetune"],
+            resume=True,
+            desc=ctx.name,
         )
         self.save_dscm(dscm, ctx)  # fit leaves the EMA weights in the model
         return {**result.summary, "finetuned": True, "terms": [t.name for t in terms], "eps_nelbo": eps}
@@ -237,9 +255,7 @@ class Pipeline:
         dscm = build.dscm(self.config, self.registry, source, transform)
         build.load_module(dscm, ctx.inputs[f"finetune/{label}"] / DSCM_WEIGHTS)
         evaluation_segmentor = build.frozen_segmentor(self.config, ctx.inputs["predictors/evaluation-segmentor"])
-        return evaluate_strategy(
-            dscm, evaluation_segmentor, source, self.config, self.registry, ctx, seed=self.seed
-        )
+        return evaluate_strategy(dscm, evaluation_segmentor, source, self.config, self.registry, ctx, seed=self.seed)
 
     def report(self, ctx: StageContext) -> dict:
         labels = list(self.config.finetune.strategies)
@@ -258,20 +274,39 @@ class Pipeline:
             data,
             Stage("flows", self.flows, {**self.section("flows", "flows_train"), **seed}, ("data",)),
             *(
-                Stage(f"predictors/{which}", self.segmentor, {"segmentor": self.section("predictors")["predictors"]["segmentor"], **seed}, ("data",))
+                Stage(
+                    f"predictors/{which}",
+                    self.segmentor,
+                    {"segmentor": self.section("predictors")["predictors"]["segmentor"], **seed},
+                    ("data",),
+                )
                 for which in SEGMENTORS
             ),
-            Stage("predictors/regressor", self.regressor, {"regressor": self.section("predictors")["predictors"]["regressor"], **seed}, ("data",)),
+            Stage(
+                "predictors/regressor",
+                self.regressor,
+                {"regressor": self.section("predictors")["predictors"]["regressor"], **seed},
+                ("data",),
+            ),
             Stage("pretrain", self.pretrain, {**self.section("image_mechanism", "pretrain"), **seed}, ("data",)),
         ]
         upstream_ft = ("flows", "predictors/guidance-segmentor", "predictors/regressor", "pretrain")
         evaluations = []
         for label, terms in strategies.items():
-            stages.append(Stage(f"finetune/{label}", self.finetune, {"finetune": finetune, "terms": terms, **seed}, upstream_ft))
+            stages.append(
+                Stage(f"finetune/{label}", self.finetune, {"finetune": finetune, "terms": terms, **seed}, upstream_ft)
+            )
             evaluations.append(f"evaluate/{label}")
             stages.append(
                 Stage(
-                    f"evaluate/{label}", self.evaluate, {"evaluate": evaluate, "batch_size": finetune["train"]["batch_size"], "outputs": EVALUATION_OUTPUTS, **seed},
+                    f"evaluate/{label}",
+                    self.evaluate,
+                    {
+                        "evaluate": evaluate,
+                        "batch_size": finetune["train"]["batch_size"],
+                        "outputs": EVALUATION_OUTPUTS,
+                        **seed,
+                    },
                     ("data", "flows", "predictors/evaluation-segmentor", f"finetune/{label}"),
                 )
             )

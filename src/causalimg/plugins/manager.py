@@ -26,10 +26,11 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Literal
 
 import pluggy
 
@@ -159,9 +160,7 @@ def _load_entry_points(pm: CausalImgPluginManager, selection: _Selection) -> Non
         if not selection.allows(ep.name):
             continue
         dist = ep.dist
-        origin = PluginOrigin(
-            ep.name, dist.name if dist else "", dist.version if dist else "", "entry-point"
-        )
+        origin = PluginOrigin(ep.name, dist.name if dist else "", dist.version if dist else "", "entry-point")
         try:
             plugin = ep.load()
         except (Exception, SystemExit) as err:  # a plugin calling sys.exit() must not end the run quietly
@@ -212,9 +211,7 @@ def _check_pending(pm: CausalImgPluginManager) -> None:
         raise PluginError(f"{pm.origin(name).describe()}: {err} (is the hook name misspelled?)") from err
 
 
-def get_plugin_manager(
-    plugin_dirs: Sequence[Path | str] = (), *, builtin_only: bool = False
-) -> CausalImgPluginManager:
+def get_plugin_manager(plugin_dirs: Sequence[Path | str] = (), *, builtin_only: bool = False) -> CausalImgPluginManager:
     """A fresh manager with built-ins, entry points and one-file plugins from ``plugin_dirs``.
 
     ``builtin_only`` skips entry points and directories: what the generated docs describe.
@@ -251,16 +248,13 @@ def _checked_record(record: object, expected: type[PluginSpec], origin: PluginOr
     if not isinstance(record, expected):
         raise PluginError(f"{where} returned {record!r}; expected {expected.__name__} records")
     if not _NAME_PATTERN.match(record.name):
-        raise PluginError(
-            f"{where}: name {record.name!r} must be lower case letters, digits, '.', '_' or '-'"
-        )
+        raise PluginError(f"{where}: name {record.name!r} must be lower case letters, digits, '.', '_' or '-'")
     if not (isinstance(record.config, type) and issubclass(record.config, StrictModel)):
         raise PluginError(f"{where}: config of {record.name!r} must subclass causalimg.config.base.StrictModel")
     annotation = record.config.model_fields["name"].annotation
     if typing.get_origin(annotation) is not Literal or typing.get_args(annotation) != (record.name,):
         raise PluginError(
-            f"{where}: {record.config.__name__}.name must be annotated Literal[{record.name!r}], "
-            f"not {annotation!r}"
+            f"{where}: {record.config.__name__}.name must be annotated Literal[{record.name!r}], not {annotation!r}"
         )
     if not record.summary.strip() or "\n" in record.summary.strip():
         raise PluginError(f"{where}: {record.name!r} needs a one-line summary")
@@ -286,7 +280,7 @@ class Registry:
         self._origins = dict(origins or {})
 
     @classmethod
-    def from_manager(cls, pm: pluggy.PluginManager) -> "Registry":
+    def from_manager(cls, pm: pluggy.PluginManager) -> Registry:
         """Call every registration hook of every plugin once; all or nothing."""
         origins = dict(getattr(pm, "origins", {}))
         specs: dict[str, dict[str, PluginSpec]] = {spec_type.kind: {} for spec_type in SPEC_KINDS}
@@ -299,7 +293,9 @@ class Registry:
                 try:  # through pluggy, so CAUSALIMG_TRACE_HOOKS sees the call
                     results = pm.subset_hook_caller(hook, remove_plugins=others)()
                 except Exception as err:
-                    raise PluginError(f"{origin.describe()} failed in hook {hook}: {type(err).__name__}: {err}") from err
+                    raise PluginError(
+                        f"{origin.describe()} failed in hook {hook}: {type(err).__name__}: {err}"
+                    ) from err
                 for returned in results:
                     if not isinstance(returned, (list, tuple)):
                         raise PluginError(f"{origin.describe()} hook {hook} must return a list, got {returned!r}")
@@ -338,9 +334,7 @@ class Registry:
                 f"no {kind} plugins are registered, so {name!r} is unavailable "
                 "(`causalimg plugins` lists what is loaded)"
             )
-        raise ConfigError(
-            f"unknown {kind} {name!r}{_did_you_mean(name, by_name)}; valid names: {', '.join(by_name)}"
-        )
+        raise ConfigError(f"unknown {kind} {name!r}{_did_you_mean(name, by_name)}; valid names: {', '.join(by_name)}")
 
     def origin(self, kind: str, name: str) -> PluginOrigin:
         """The plugin, distribution and version that provide a component."""

@@ -8,8 +8,9 @@ builds the component from a validated config, and a one-line summary shown by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel
 

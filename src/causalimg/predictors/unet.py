@@ -7,7 +7,7 @@ model the generator was trained to please. Trained with cross-entropy + soft Dic
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +79,9 @@ class UNet(nn.Module):
         for i in reversed(range(len(widths) - 1)):
             # upsampled deeper features concatenated with the skip of level i
             self.up.append(_stack(widths[i + 1] + widths[i], widths[i], config.blocks, config.dropout))
-        self.head = nn.Sequential(nn.GroupNorm(_groups(widths[0]), widths[0]), nn.SiLU(),
-                                  nn.Conv2d(widths[0], num_classes, 1))
+        self.head = nn.Sequential(
+            nn.GroupNorm(_groups(widths[0]), widths[0]), nn.SiLU(), nn.Conv2d(widths[0], num_classes, 1)
+        )
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 1:

@@ -7,7 +7,9 @@ the segment that holds its centre, so masks are disjoint and cover the image at 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import model_validator
@@ -47,7 +49,7 @@ class AxialConfig(StrictModel):
     boundaries_mm: tuple[float, ...] | None = None  # len(names) - 1 increasing cut points
 
     @model_validator(mode="after")
-    def _check(self) -> "AxialConfig":
+    def _check(self) -> AxialConfig:
         if len(set(self.names)) != len(self.names) or not self.names:
             raise ValueError(f"names must be unique and non-empty, got {self.names}")
         if self.fractions is not None and self.boundaries_mm is not None:
@@ -61,7 +63,7 @@ class AxialConfig(StrictModel):
             b = self.boundaries_mm
             if len(b) != len(self.names) - 1:
                 raise ValueError(f"boundaries_mm needs {len(self.names) - 1} cut points for {len(self.names)} names")
-            if any(x <= 0 for x in b) or any(b2 <= b1 for b1, b2 in zip(b, b[1:])):
+            if any(x <= 0 for x in b) or any(b2 <= b1 for b1, b2 in itertools.pairwise(b)):
                 raise ValueError(f"boundaries_mm must be positive and strictly increasing, got {b}")
         return self
 
@@ -82,7 +84,7 @@ class AxialPartitioner:
         self.boundaries_mm = None if boundaries_mm is None else tuple(boundaries_mm)
 
     @classmethod
-    def from_config(cls, config: AxialThirdsConfig | AxialConfig) -> "AxialPartitioner":
+    def from_config(cls, config: AxialThirdsConfig | AxialConfig) -> AxialPartitioner:
         if isinstance(config, AxialThirdsConfig):
             return cls(THIRDS)
         return cls(config.names, config.fractions, config.boundaries_mm)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -29,7 +30,7 @@ class GridPartitioner:
         self.region_names = tuple(f"r{r}c{c}" for r in range(rows) for c in range(cols))
 
     @classmethod
-    def from_config(cls, config: GridConfig) -> "GridPartitioner":
+    def from_config(cls, config: GridConfig) -> GridPartitioner:
         return cls(config.rows, config.cols)
 
     def masks(

@@ -7,7 +7,9 @@ set's ``.npz`` as ``boundaries_mm = [31.5, 70.2]``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+import itertools
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import model_validator
@@ -27,7 +29,7 @@ class LandmarksConfig(StrictModel):
     key: str = "boundaries_mm"
 
     @model_validator(mode="after")
-    def _check(self) -> "LandmarksConfig":
+    def _check(self) -> LandmarksConfig:
         if len(self.names) < 2 or len(set(self.names)) != len(self.names):
             raise ValueError(f"names must be at least two unique segment names, got {self.names}")
         return self
@@ -41,7 +43,7 @@ class LandmarkPartitioner:
         self.key = key
 
     @classmethod
-    def from_config(cls, config: LandmarksConfig) -> "LandmarkPartitioner":
+    def from_config(cls, config: LandmarksConfig) -> LandmarkPartitioner:
         return cls(config.names, config.key)
 
     def masks(
@@ -63,10 +65,8 @@ class LandmarkPartitioner:
                 f"metadata {self.key!r}{where} has {len(cuts)} boundaries; regions {self.region_names} need "
                 f"{len(self.region_names) - 1}"
             )
-        if any(c <= 0 or c >= length for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
-            raise DataError(
-                f"metadata {self.key!r}{where} = {cuts} must increase strictly inside (0, {length:g}) mm"
-            )
+        if any(c <= 0 or c >= length for c in cuts) or any(b <= a for a, b in itertools.pairwise(cuts)):
+            raise DataError(f"metadata {self.key!r}{where} = {cuts} must increase strictly inside (0, {length:g}) mm")
         return axial_masks(cuts, height, width, spacing_mm)
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import to_rgba
+from matplotlib.lines import Line2D
 
-from causalimg.core.data import DataSource, Split  # noqa: E402
-from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, display_name  # noqa: E402
+from causalimg.core.data import DataSource, Split
+from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, display_name
 
 COLOURS = {LUMEN: "tab:red", NONCALCIFIED: "gold", CALCIFIED: "cyan"}
 NAMES = {LUMEN: "lumen", NONCALCIFIED: "non-calcified plaque", CALCIFIED: "calcified plaque"}
@@ -47,7 +47,9 @@ def render_contact_sheet(source: DataSource, split: Split, n: int, path: Path | 
         for cls, colour in COLOURS.items():
             tint[labels == cls] = to_rgba(colour, 0.35)
             if masks[cls].max() >= 0.5:
-                overlay.contour(masks[cls], levels=[0.5], colors=[colour], linewidths=0.7, extent=extent, origin="upper")
+                overlay.contour(
+                    masks[cls], levels=[0.5], colors=[colour], linewidths=0.7, extent=extent, origin="upper"
+                )
         overlay.imshow(tint, extent=extent, interpolation="nearest")
         for region in regions:
             if 0 < region.sum() < region.size:

@@ -8,17 +8,17 @@ dashed lines at the region boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from causalimg.pipeline.stage import atomic_path  # noqa: E402
+from causalimg.pipeline.stage import atomic_path
 
 
 def _boundaries(ax, regions: np.ndarray) -> None:
@@ -67,8 +67,12 @@ def figure1(
     shown = None
     for i, (strategy, cfs) in enumerate(counterfactuals.items()):
         for j in range(k):
-            _show(axes[1 + 2 * i, j], cfs[j].squeeze(0).float().numpy(), f"{strategy}: {intervention_titles[j]}", **grey)
-            shown = _show(axes[2 + 2 * i, j], diffs[strategy][j], f"{strategy}: x~ - x", cmap="RdBu_r", vmin=-scale, vmax=scale)
+            _show(
+                axes[1 + 2 * i, j], cfs[j].squeeze(0).float().numpy(), f"{strategy}: {intervention_titles[j]}", **grey
+            )
+            shown = _show(
+                axes[2 + 2 * i, j], diffs[strategy][j], f"{strategy}: x~ - x", cmap="RdBu_r", vmin=-scale, vmax=scale
+            )
             _boundaries(axes[2 + 2 * i, j], masks)
     if shown is not None:
         bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01)
@@ -80,9 +84,7 @@ def figure1(
     return Path(path)
 
 
-def error_bars(
-    results: Mapping[str, Mapping[str, float]], variables: Sequence[str], path: Path, title: str
-) -> Path:
+def error_bars(results: Mapping[str, Mapping[str, float]], variables: Sequence[str], path: Path, title: str) -> Path:
     """Grouped bars of the intervened-region error per intervention, one colour per strategy.
 
     results: strategy -> variable -> mean error (mm^2).
@@ -113,7 +115,9 @@ def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, sam
     fig, axes = plt.subplots(n, 3, figsize=(3 * 4.0, n * (4.0 * h / w + 0.35)), squeeze=False)
     for row in range(n):
         for col, (title, images) in enumerate(columns):
-            _show(axes[row, col], images[row, 0].float().numpy(), title if row == 0 else "", cmap="gray", vmin=-1, vmax=1)
+            _show(
+                axes[row, col], images[row, 0].float().numpy(), title if row == 0 else "", cmap="gray", vmin=-1, vmax=1
+            )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -11,9 +11,10 @@ import html
 import os
 import platform
 import sys
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from causalimg.pipeline.stage import atomic_write_text
 from causalimg.report.tables import Table

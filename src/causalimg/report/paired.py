@@ -9,8 +9,8 @@ test a reader wants: an interval that excludes 0 says which strategy is better o
 from __future__ import annotations
 
 import math
-from itertools import combinations
-from typing import Mapping
+from collections.abc import Mapping
+from itertools import combinations, pairwise
 
 import torch
 
@@ -28,7 +28,9 @@ def aligned(index_a: torch.Tensor, index_b: torch.Tensor) -> tuple[torch.Tensor,
     common = sorted(set(index_a.tolist()) & set(index_b.tolist()))
     where_a = {int(i): p for p, i in enumerate(index_a.tolist())}
     where_b = {int(i): p for p, i in enumerate(index_b.tolist())}
-    return torch.tensor([where_a[i] for i in common], dtype=torch.long), torch.tensor([where_b[i] for i in common], dtype=torch.long)
+    return torch.tensor([where_a[i] for i in common], dtype=torch.long), torch.tensor(
+        [where_b[i] for i in common], dtype=torch.long
+    )
 
 
 def paired_differences(rows: Mapping[str, Mapping[str, torch.Tensor]], num_regions: int) -> list[dict]:
@@ -91,4 +93,4 @@ def paired_findings(differences: list[dict], first: str, second: str) -> list[st
 
 def paper_order_findings(differences: list[dict]) -> list[str]:
     """The paired verdicts behind the paper's ordering: each strategy against the next in ``PAPER_ORDER``."""
-    return [line for first, second in zip(PAPER_ORDER, PAPER_ORDER[1:]) for line in paired_findings(differences, first, second)]
+    return [line for first, second in pairwise(PAPER_ORDER) for line in paired_findings(differences, first, second)]

@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 import html
 import io
+import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from causalimg.core.variables import display_name
 
@@ -87,7 +89,7 @@ class Table:
                 text = f"<b>{text}</b>" if cell.best else text
                 tds.append(f'<td class="num {classes}"{title}>{text}</td>')
             body.append("<tr>" + "".join(tds) + "</tr>")
-        note = f"<p class=\"note\">{html.escape(self.note)}</p>" if self.note else ""
+        note = f'<p class="note">{html.escape(self.note)}</p>' if self.note else ""
         return (
             f"<table><caption>{html.escape(self.title)}</caption><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>{note}"
@@ -119,7 +121,11 @@ def intervention_table(
         for label, summary in summaries.items():
             row = summary["cells"][do]
             cells = [
-                Cell(row[variables[structure + j]]["mean"], row[variables[structure + j]]["ci95"], intervened=(structure + j == v))
+                Cell(
+                    row[variables[structure + j]]["mean"],
+                    row[variables[structure + j]]["ci95"],
+                    intervened=(structure + j == v),
+                )
                 for j in range(k)
             ]
             block.append(((f"do({display_name(do)})", label), cells))
@@ -150,7 +156,9 @@ def summary_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
         "reversibility": ("reversibility", "l1", "mean"),
         "realism FD": ("realism", "fd"),
     }
-    present = {name: path for name, path in columns.items() if any(_lookup(r, path) is not None for r in results.values())}
+    present = {
+        name: path for name, path in columns.items() if any(_lookup(r, path) is not None for r in results.values())
+    }
     table = Table(
         "Summary per strategy",
         ("strategy",),
@@ -183,7 +191,7 @@ def ordering_count(
     count = 0
     for do in variables:
         errors = [summaries[label]["cells"][do][do]["mean"] for label in order]
-        count += all(a < b for a, b in zip(errors, errors[1:]))
+        count += all(a < b for a, b in itertools.pairwise(errors))
     return count
 
 
@@ -226,8 +234,14 @@ def paper_comparison(paper_csv: str, summaries: Mapping[str, Mapping[str, Any]],
     for do in variables:
         name = f"do({display_name(do)})"
         region = do.partition("_")[2]
-        ours = {label: summaries[label]["cells"][do][do]["mean"] for label in ("none", "regressor", "positional-segmentor") if label in summaries}
-        theirs = {label: float(paper[(name, label)][region]) for label in PAPER_LABELS.values() if (name, label) in paper}
+        ours = {
+            label: summaries[label]["cells"][do][do]["mean"]
+            for label in ("none", "regressor", "positional-segmentor")
+            if label in summaries
+        }
+        theirs = {
+            label: float(paper[(name, label)][region]) for label in PAPER_LABELS.values() if (name, label) in paper
+        }
 
         def ratio(values: dict[str, float], label: str) -> float:
             return values[label] / values["none"] if label in values and values.get("none") else math.nan

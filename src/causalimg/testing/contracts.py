@@ -5,7 +5,8 @@ Each check raises ``AssertionError`` with a message naming what broke; it return
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -26,7 +27,9 @@ def check_partitioner(
     assert names and len(set(names)) == len(names), f"region_names must be unique and non-empty: {names}"
     masks = partitioner.masks(height, width, spacing_mm, metadata)
     assert isinstance(masks, torch.Tensor), f"masks must be a torch.Tensor, got {type(masks).__name__}"
-    assert masks.shape == (len(names), height, width), f"masks shape {tuple(masks.shape)} != {(len(names), height, width)}"
+    assert masks.shape == (len(names), height, width), (
+        f"masks shape {tuple(masks.shape)} != {(len(names), height, width)}"
+    )
     assert masks.dtype == torch.float32, f"masks dtype {masks.dtype} != torch.float32"
     assert masks.device.type == "cpu", f"masks built from sizes must be on the CPU, got {masks.device}"
     assert bool(((masks == 0) | (masks == 1)).all()), "masks must hold only 0 and 1"
@@ -58,7 +61,9 @@ def check_data_source(source: DataSource, split: str = "train", n: int = 4) -> N
             assert key in item, f"item {i} lacks {key!r}"
         img, masks, labels, parents, regions = (item[key] for key in ("image", "masks", "labels", "parents", "regions"))
         assert img.shape == (1, h, w) and img.dtype == torch.float32, f"image {tuple(img.shape)} {img.dtype}"
-        assert bool(torch.isfinite(img).all()) and img.min() >= -1 and img.max() <= 1, "image must be finite, in [-1, 1]"
+        assert bool(torch.isfinite(img).all()) and img.min() >= -1 and img.max() <= 1, (
+            "image must be finite, in [-1, 1]"
+        )
         assert masks.shape == (NUM_CLASSES, h, w) and masks.dtype == torch.float32, f"masks {tuple(masks.shape)}"
         assert bool((masks >= 0).all()) and torch.allclose(masks.sum(0), torch.ones(h, w), atol=1e-5), (
             "masks must be fractions summing to 1 per pixel"
@@ -77,7 +82,9 @@ def check_data_source(source: DataSource, split: str = "train", n: int = 4) -> N
         )
 
 
-def check_image_mechanism(mechanism: torch.nn.Module, image_shape: tuple[int, int], num_parents: int, batch: int = 2) -> None:
+def check_image_mechanism(
+    mechanism: torch.nn.Module, image_shape: tuple[int, int], num_parents: int, batch: int = 2
+) -> None:
     """The ImageMechanism contract: per-image finite losses, exact null counterfactual, shapes, dtypes.
 
     ``loss`` returns (B,) float tensors ``nelbo``, ``nll``, ``kl``; ``abduct`` then ``predict`` under

@@ -69,8 +69,7 @@ def make_accelerator(
     )
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
         raise ConfigError(
-            f"train.mixed_precision='fp16' needs a GPU (device here: {accelerator.device}); "
-            "use 'bf16' on CPU or 'no'"
+            f"train.mixed_precision='fp16' needs a GPU (device here: {accelerator.device}); use 'bf16' on CPU or 'no'"
         )
     return accelerator
 

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -114,13 +115,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise DataError(
-            f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+        raise DataError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     wrong = [k for k in own if own[k].shape != state[k].shape]
     if wrong:
-        raise DataError(f"{path}: shapes differ for {wrong[:5]} (file {tuple(state[wrong[0]].shape)}, "
-                        f"model {tuple(own[wrong[0]].shape)})")
+        raise DataError(
+            f"{path}: shapes differ for {wrong[:5]} (file {tuple(state[wrong[0]].shape)}, "
+            f"model {tuple(own[wrong[0]].shape)})"
+        )
     model.load_state_dict(state)
 
 
@@ -151,8 +152,10 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        p for p in root.iterdir()
-        if p.name.startswith(_STEP_PREFIX) and p.name.removeprefix(_STEP_PREFIX).isdigit()
+        p
+        for p in root.iterdir()
+        if p.name.startswith(_STEP_PREFIX)
+        and p.name.removeprefix(_STEP_PREFIX).isdigit()
         and (p / STATE_FILE).is_file()
     ]
     return sorted(found, key=checkpoint_step)
@@ -201,7 +204,22 @@ def model_bytes(model: nn.Module) -> int:
 
 
 __all__ = [
-    "CHECKPOINTS", "EMA_FILE", "MODEL_FILE", "STATE_FILE", "atomic_save_tensors", "atomic_write_bytes",
-    "atomic_write_json", "check_writable", "checkpoint_step", "list_checkpoints", "load_tensors",
-    "load_weights", "model_bytes", "publish", "read_state", "remove_partial", "staging_dir", "write_state",
+    "CHECKPOINTS",
+    "EMA_FILE",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "atomic_save_tensors",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_writable",
+    "checkpoint_step",
+    "list_checkpoints",
+    "load_tensors",
+    "load_weights",
+    "model_bytes",
+    "publish",
+    "read_state",
+    "remove_partial",
+    "staging_dir",
+    "write_state",
 ]

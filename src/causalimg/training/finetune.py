@@ -24,8 +24,9 @@ baseline: ``finetune_dscm`` then trains nothing and writes the pretrained weight
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -184,7 +185,7 @@ class CounterfactualFineTuning(nn.Module):
             )
         self.interventions_per_step = interventions_per_step
 
-    def train(self, mode: bool = True) -> "CounterfactualFineTuning":
+    def train(self, mode: bool = True) -> CounterfactualFineTuning:
         """Train mode reaches the image mechanism; flows and predictors stay in eval mode."""
         super().train(mode)
         self.dscm.attributes.eval()

@@ -25,9 +25,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -120,7 +121,11 @@ class _EpochBatches(Sampler[list[int]]):
 
 
 def _batches(
-    dataset: Dataset, config: TrainConfig, accelerator: Accelerator, seed: int, start: int,
+    dataset: Dataset,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    seed: int,
+    start: int,
     collate_fn: Callable[[list[Any]], Any] | None,
 ) -> Iterator[Any]:
     """Endless stream of this rank's micro-batches on the device, beginning at micro-batch ``start``."""
@@ -187,8 +192,15 @@ class _Trainer:
     """State of one ``fit`` call; methods are the steps of the lifecycle in the module docstring."""
 
     def __init__(
-        self, model: nn.Module, objective: Objective, config: TrainConfig, out_dir: Path,
-        accelerator: Accelerator, seed: int, extra_state: Sequence[Stateful], trainable: list[nn.Parameter],
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: TrainConfig,
+        out_dir: Path,
+        accelerator: Accelerator,
+        seed: int,
+        extra_state: Sequence[Stateful],
+        trainable: list[nn.Parameter],
         desc: str,
     ) -> None:
         self.model, self.objective, self.config, self.out_dir = model, objective, config, out_dir
@@ -213,7 +225,7 @@ class _Trainer:
                 tmp.mkdir(parents=True, exist_ok=True)
             self.acc.wait_for_everyone()
             self.acc.save_state(str(tmp))  # optimizer (and scaler) on the main process, RNG per rank
-        except Exception as err:  # noqa: BLE001 - reported to every rank below
+        except Exception as err:
             error = err
         _agree(self.acc, error, f"{self.desc}: writing checkpoint {final}")
         if self.acc.is_main_process:
@@ -224,7 +236,7 @@ class _Trainer:
                     ckpt.atomic_save_tensors(tmp / f"extra_{i}.safetensors", obj.state_dict())
                 ckpt.write_state(tmp, self._state(session_s))
                 ckpt.publish(tmp, final, self.config.keep_checkpoints)
-            except Exception as err:  # noqa: BLE001 - reported to every rank below
+            except Exception as err:
                 kept = ckpt.list_checkpoints(self.out_dir)
                 error = TrainingError(
                     f"{self.desc}: could not write checkpoint {final} "
@@ -236,9 +248,14 @@ class _Trainer:
 
     def _state(self, session_s: float) -> dict[str, Any]:
         return {
-            "step": self.step, "skips": self.skips, "wall_s": self.wall_s + session_s, "seed": self.seed,
-            "world_size": self.acc.num_processes, "train_config": self.config.model_dump(mode="json"),
-            "recent": self.recent, "desc": self.desc,
+            "step": self.step,
+            "skips": self.skips,
+            "wall_s": self.wall_s + session_s,
+            "seed": self.seed,
+            "world_size": self.acc.num_processes,
+            "train_config": self.config.model_dump(mode="json"),
+            "recent": self.recent,
+            "desc": self.desc,
         }
 
     def load_checkpoint(self, path: Path) -> None:
@@ -257,8 +274,12 @@ class _Trainer:
         self.step, self.skips, self.wall_s = int(state["step"]), dict(state["skips"]), float(state["wall_s"])
         self.recent, self.resumed_from = list(state["recent"]), self.step
         if state["world_size"] != self.acc.num_processes:
-            logger.warning("%s: resuming a %d-process run on %d processes: the data order differs",
-                           self.desc, state["world_size"], self.acc.num_processes)
+            logger.warning(
+                "%s: resuming a %d-process run on %d processes: the data order differs",
+                self.desc,
+                state["world_size"],
+                self.acc.num_processes,
+            )
 
     # -- one optimiser step --------------------------------------------------------------------
     def train_step(self, batches: Iterator[Any]) -> _Outcome:
@@ -290,7 +311,7 @@ class _Trainer:
                     if key != "loss" and isinstance(metric, Tensor) and metric.numel() == 1:
                         metrics[key] = metrics.get(key, 0.0) + metric.detach().float().item() / cfg.grad_accumulation
                 acc.backward(loss / cfg.grad_accumulation)
-            except Exception as err:  # noqa: BLE001 - every rank learns of it in _sync_gradients
+            except Exception as err:
                 error = err
         finite, loss = self._sync_gradients(error, finite, loss_sum / cfg.grad_accumulation)
         if not finite:
@@ -316,8 +337,11 @@ class _Trainer:
                 raise error
             return finite, loss if finite else math.nan
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
-        flags = torch.tensor([float(error is not None), float(not finite), loss if finite else 0.0],
-                             device=acc.device, dtype=torch.float32)
+        flags = torch.tensor(
+            [float(error is not None), float(not finite), loss if finite else 0.0],
+            device=acc.device,
+            dtype=torch.float32,
+        )
         flat = torch.cat([g.detach().reshape(-1).float() for g in grads] + [flags])  # (n_params + 3,)
         flat = acc.reduce(flat, reduction="sum")
         failed, nonfinite, loss_total = flat[-3:].tolist()
@@ -383,8 +407,10 @@ def fit(
     """
     out_dir = Path(out_dir)
     if accelerator.gradient_accumulation_steps != 1:
-        raise TrainingError("fit accumulates gradients itself (train.grad_accumulation): make the Accelerator "
-                            "with gradient_accumulation_steps=1 (make_accelerator does)")
+        raise TrainingError(
+            "fit accumulates gradients itself (train.grad_accumulation): make the Accelerator "
+            "with gradient_accumulation_steps=1 (make_accelerator does)"
+        )
     error: BaseException | None = None
     if accelerator.is_main_process:
         try:  # room for the kept checkpoints plus one being written: model, EMA, two AdamW moments
@@ -409,17 +435,38 @@ def fit(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     try:
-        return _run(model, objective, dataset, config, out_dir, accelerator, seed, extra_state, trainable,
-                    desc, resume, collate_fn)
+        return _run(
+            model,
+            objective,
+            dataset,
+            config,
+            out_dir,
+            accelerator,
+            seed,
+            extra_state,
+            trainable,
+            desc,
+            resume,
+            collate_fn,
+        )
     finally:
         for p in model.parameters():
             p.requires_grad_(was_trainable[id(p)])
 
 
 def _run(
-    model: nn.Module, objective: Objective, dataset: Dataset, config: TrainConfig, out_dir: Path,
-    accelerator: Accelerator, seed: int, extra_state: Sequence[Stateful], trainable: list[nn.Parameter],
-    desc: str, resume: bool, collate_fn: Callable[[list[Any]], Any] | None,
+    model: nn.Module,
+    objective: Objective,
+    dataset: Dataset,
+    config: TrainConfig,
+    out_dir: Path,
+    accelerator: Accelerator,
+    seed: int,
+    extra_state: Sequence[Stateful],
+    trainable: list[nn.Parameter],
+    desc: str,
+    resume: bool,
+    collate_fn: Callable[[list[Any]], Any] | None,
 ) -> TrainResult:
     if accelerator.num_processes > 1:  # every rank starts from rank 0's weights
         with torch.no_grad():
@@ -436,28 +483,42 @@ def _run(
     if latest:
         try:
             trainer.load_checkpoint(latest[-1])
-        except Exception as err:  # noqa: BLE001 - reported to every rank
+        except Exception as err:
             error = err
         _agree(accelerator, error, f"{desc}: resuming from {latest[-1]}")
 
     if accelerator.trackers == [] and accelerator.log_with:
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                for k, v in config.model_dump(mode="json").items()}
+        flat = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in config.model_dump(mode="json").items()
+        }
         accelerator.init_trackers(desc, config=flat)
     batches = _batches(dataset, config, accelerator, seed, trainer.step * config.grad_accumulation, collate_fn)
     images_per_step = config.batch_size * config.grad_accumulation * accelerator.num_processes
     start_step, started = trainer.step, time.perf_counter()
-    bar = tqdm(total=config.steps, initial=trainer.step, desc=desc, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=config.steps,
+        initial=trainer.step,
+        desc=desc,
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     try:
         while trainer.step < config.steps:
             outcome = trainer.train_step(batches)
             trainer.step += 1
             if outcome.skipped is None:
-                trainer.recent = (trainer.recent + [{"loss": outcome.loss, **outcome.metrics}])[-config.log_every:]
+                trainer.recent = ([*trainer.recent, {"loss": outcome.loss, **outcome.metrics}])[-config.log_every :]
             elif accelerator.is_main_process:
-                logger.warning("%s step %d skipped: %s (loss %.4g, gradient norm %.4g)",
-                               desc, trainer.step, outcome.skipped, outcome.loss, outcome.grad_norm)
+                logger.warning(
+                    "%s step %d skipped: %s (loss %.4g, gradient norm %.4g)",
+                    desc,
+                    trainer.step,
+                    outcome.skipped,
+                    outcome.loss,
+                    outcome.grad_norm,
+                )
             trainer.check_skip_fraction()
             elapsed = time.perf_counter() - started
             rate = (trainer.step - start_step) * images_per_step / max(elapsed, 1e-9)
@@ -465,9 +526,17 @@ def _run(
             bar.set_postfix(loss=f"{outcome.loss:.4g}", img_s=f"{rate:.1f}", skipped=skipped, refresh=False)
             bar.update(1)
             if accelerator.trackers and trainer.step % config.log_every == 0:
-                accelerator.log({"loss": outcome.loss, **outcome.metrics, "grad_norm": outcome.grad_norm,
-                                 "lr": warmup_lr(trainer.step - 1, config), "images_per_s": rate,
-                                 "skipped": skipped}, step=trainer.step)
+                accelerator.log(
+                    {
+                        "loss": outcome.loss,
+                        **outcome.metrics,
+                        "grad_norm": outcome.grad_norm,
+                        "lr": warmup_lr(trainer.step - 1, config),
+                        "images_per_s": rate,
+                        "skipped": skipped,
+                    },
+                    step=trainer.step,
+                )
             if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
                 trainer.save_checkpoint(time.perf_counter() - started)
     finally:
@@ -477,16 +546,24 @@ def _run(
     session_s = time.perf_counter() - started
     trainer.ema.copy_to(model)
     weights = out_dir / WEIGHTS_FILE
-    final = {k: float(np.mean([r[k] for r in trainer.recent if k in r]))
-             for k in dict.fromkeys(k for r in trainer.recent for k in r)}  # mean over the last log_every steps
+    final = {
+        k: float(np.mean([r[k] for r in trainer.recent if k in r]))
+        for k in dict.fromkeys(k for r in trainer.recent for k in r)
+    }  # mean over the last log_every steps
     summary = {
-        "desc": desc, "steps": trainer.step, "skipped_steps": sum(trainer.skips.values()),
-        "skip_reasons": trainer.skips, "final_loss": final.get("loss"),
+        "desc": desc,
+        "steps": trainer.step,
+        "skipped_steps": sum(trainer.skips.values()),
+        "skip_reasons": trainer.skips,
+        "final_loss": final.get("loss"),
         "final_metrics": {k: v for k, v in final.items() if k != "loss"},
-        "wall_time_s": trainer.wall_s + session_s, "session_time_s": session_s,
+        "wall_time_s": trainer.wall_s + session_s,
+        "session_time_s": session_s,
         "images_per_s": (trainer.step - start_step) * images_per_step / max(session_s, 1e-9),
-        "resumed_from_step": trainer.resumed_from, "world_size": accelerator.num_processes,
-        "mixed_precision": config.mixed_precision, "weights": WEIGHTS_FILE,
+        "resumed_from_step": trainer.resumed_from,
+        "world_size": accelerator.num_processes,
+        "mixed_precision": config.mixed_precision,
+        "weights": WEIGHTS_FILE,
     }
     error = None
     if accelerator.is_main_process:
