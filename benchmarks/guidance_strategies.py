@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from causalimg.config.loader import load_config
-from causalimg.core.variables import variable_names
+from causalimg.core.schema import VariableSchema
+from causalimg.pipeline.components import SCHEMA_FILE
 from causalimg.pipeline.evaluation import METRICS_FILE
 from causalimg.pipeline.stage import DONE, atomic_write_json, atomic_write_text, read_json
 from causalimg.pipeline.stages import run_pipeline
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(config.run.dir)
     labels = list(config.finetune.strategies)
     strategies = {label: read_json(run_dir / "evaluate" / label / METRICS_FILE)["metrics"] for label in labels}
-    variables = variable_names(tuple(read_json(run_dir / "data" / DONE)["summary"]["region_names"]))
+    schema = VariableSchema.from_json((run_dir / "data" / SCHEMA_FILE).read_text())
+    variables = schema.area_names
     report = {
         "config": Path(str(args.config)).stem,
         "command": " ".join(["python benchmarks/guidance_strategies.py", *sys.argv[1:]])
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.paper_table is not None:
         effectiveness = {label: s["effectiveness"] for label, s in strategies.items() if "effectiveness" in s}
-        report["paper_comparison"] = paper_comparison(args.paper_table.read_text(), effectiveness, variables).markdown()
+        report["paper_comparison"] = paper_comparison(args.paper_table.read_text(), effectiveness, schema).markdown()
     name = report["config"]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"guidance_{name}.json", report)

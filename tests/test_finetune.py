@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,20 +13,21 @@ from torch.utils.data import Dataset
 
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidancePredictors
-from causalimg.core.regions import variable_areas
+from causalimg.core.schema import Variable
 from causalimg.core.scm import DSCM, SCM
 from causalimg.core.transform import VariableTransform
-from causalimg.core.variables import CALCIFIED, LUMEN, NUM_CLASSES, variable_names
+from causalimg.data.phantom import phantom_schema
 from causalimg.errors import ConfigError, DataError
 from causalimg.guidance.positional import PositionalSegmentorGuidanceConfig
 from causalimg.guidance.regressor import RegressorGuidanceConfig
+from causalimg.io import load_tensors
 from causalimg.mechanisms.flows import SplineFlow
 from causalimg.mechanisms.hvae import HVAE, HVAEConfig
 from causalimg.plugins.manager import load_registry
 from causalimg.predictors.regressor import RegressorConfig, build_regressor
 from causalimg.predictors.unet import SegmentorConfig, UNet
 from causalimg.training.accelerator import make_accelerator
-from causalimg.training.checkpoint import list_checkpoints, load_tensors
+from causalimg.training.checkpoint import list_checkpoints
 from causalimg.training.finetune import (
     CounterfactualFineTuning,
     LagrangeMultiplier,
@@ -36,6 +38,8 @@ from causalimg.training.finetune import (
 )
 
 REGIONS = ("proximal", "mid", "distal")
+SCHEMA = phantom_schema(REGIONS, with_age=False)
+LUMEN, CALCIFIED = SCHEMA.structure("la").label, SCHEMA.structure("cpa").label
 H, W = 16, 48
 LEVELS = torch.tensor([-1.0, 1.0, 0.5, 0.0])
 
@@ -60,9 +64,9 @@ class Scenes(Dataset):
                 int(torch.randint(1, 10, (1,), generator=g)),
             )
             labels[i, 5:7, start : start + length] = CALCIFIED
-        onehot = F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+        onehot = F.one_hot(labels, SCHEMA.num_classes).permute(0, 3, 1, 2).float()
         self.images = LEVELS[labels][:, None] + 0.02 * torch.randn(n, 1, H, W, generator=g)
-        self.parents = variable_areas(onehot, thirds()[None], 0.25)  # (n, 9) mm^2
+        self.parents = SCHEMA.measure(onehot, thirds()[None], 0.25)  # (n, 9) mm^2
         self.labels = labels
 
     def __len__(self) -> int:
@@ -73,7 +77,7 @@ class Scenes(Dataset):
 
 
 DATA = Scenes()
-TRANSFORM = VariableTransform.fit(variable_names(REGIONS), DATA.parents)
+TRANSFORM = VariableTransform.fit(SCHEMA.names, DATA.parents)
 
 
 def tiny_dscm(seed: int = 0, extra_root: str | None = None) -> DSCM:
@@ -81,8 +85,8 @@ def tiny_dscm(seed: int = 0, extra_root: str | None = None) -> DSCM:
     torch.manual_seed(seed)
     transform = TRANSFORM
     if extra_root is not None:
-        transform = VariableTransform((*TRANSFORM.names, extra_root), torch.cat([TRANSFORM.low, torch.zeros(1)]),
-                                      torch.cat([TRANSFORM.high, torch.ones(1)]))  # fmt: skip
+        transform = VariableTransform((extra_root, *TRANSFORM.names), torch.cat([torch.zeros(1), TRANSFORM.low]),
+                                      torch.cat([torch.ones(1), TRANSFORM.high]))  # fmt: skip
     names = transform.names
     hvae = HVAE.from_config(
         HVAEConfig(preset=None, widths=(8, 8, 8, 16, 16, 16), enc_blocks=(1,) * 6, dec_blocks=(1,) * 6,
@@ -96,13 +100,14 @@ def tiny_dscm(seed: int = 0, extra_root: str | None = None) -> DSCM:
 def predictors() -> GuidancePredictors:
     torch.manual_seed(1)
     regressor = build_regressor(RegressorConfig(arch="resnet10t"), len(TRANSFORM.names))  # has BatchNorm
-    return GuidancePredictors(segmentor=UNet(SegmentorConfig(widths=(8, 16))), regressor=regressor)
+    segmentor = UNet(SegmentorConfig(widths=(8, 16)), num_classes=SCHEMA.num_classes)
+    return GuidancePredictors(segmentor=segmentor, regressor=regressor)
 
 
 def cft_for(dscm: DSCM, terms, preds: GuidancePredictors, **options) -> CounterfactualFineTuning:
     strategies = build_strategies(terms, load_registry(), preds)
     return CounterfactualFineTuning(
-        dscm, strategies, region_names=REGIONS, pixel_area_mm2=0.25, eps=options.pop("eps", 0.0), **options
+        dscm, strategies, schema=SCHEMA, pixel_area_mm2=0.25, eps=options.pop("eps", 0.0), **options
     )
 
 
@@ -142,21 +147,18 @@ def test_damped_penalty_has_the_documented_gradient() -> None:
 def test_step_draws_in_range_targets_on_area_variables_only() -> None:
     dscm = tiny_dscm(extra_root="age")
     names, transform = dscm.transform.names, dscm.transform
-    cft = CounterfactualFineTuning(
-        dscm, [], region_names=REGIONS, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=2
-    )
+    schema = dataclasses.replace(SCHEMA, extra=(Variable("age", unit="years"),))
+    cft = CounterfactualFineTuning(dscm, [], schema=schema, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=2)
     torch.manual_seed(0)
     for _ in range(20):
         do, intervened = cft.draw_intervention(torch.zeros(5, len(names)))
         assert len(do) == 2 and "age" not in do
-        assert intervened.sum(1).tolist() == [2] * 5 and not intervened[:, -1].any()
+        assert intervened.sum(1).tolist() == [2] * 5 and not intervened[:, 0].any()
         for name, target in do.items():
             i = names.index(name)
             assert target.shape == (5,) and bool(((target >= transform.low[i]) & (target <= transform.high[i])).all())
     with pytest.raises(ConfigError, match="interventions_per_step=10 exceeds the 9"):
-        CounterfactualFineTuning(
-            dscm, [], region_names=REGIONS, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=10
-        )
+        CounterfactualFineTuning(dscm, [], schema=schema, pixel_area_mm2=0.25, eps=0.0, interventions_per_step=10)
 
 
 def test_fixed_weight_objective_and_reported_terms() -> None:

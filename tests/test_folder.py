@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -38,8 +39,16 @@ def write_npz_folder(root: Path, phantom: PhantomSource, soft: bool) -> None:
             np.savez(root / split / f"case{i:03d}.npz", image=r.image[i, 0], mask=mask, boundaries_mm=[32.0, 64.0])
 
 
+# The phantom's classes and variable names, as a folder of exported phantom images would describe them.
+CORONARY = {
+    "label_map": {0: "background", 1: "lumen", 2: "calcified", 3: "noncalcified"},
+    "structures": {"calcified": {"variable": "cpa"}, "noncalcified": {"variable": "ncpa"}, "lumen": {"variable": "la"}},
+}
+
+
 def source(root: Path, partitioner=THIRDS, **kw) -> FolderSource:
-    return FolderSource(FolderConfig(path=root, spacing_mm=0.5, **kw), partitioner, root / "_out")
+    config = FolderConfig(path=root, spacing_mm=0.5, **{**CORONARY, **kw})
+    return FolderSource(config, partitioner, root / "_out")
 
 
 def test_parents_from_soft_masks_match_the_phantom(tmp_path, phantom):
@@ -59,7 +68,9 @@ def test_hard_labels_and_landmarks_from_metadata(tmp_path, phantom):
     check_data_source(folder)
     item = folder.split("train")[0]
     one_hot = torch.nn.functional.one_hot(item["labels"], 4).permute(2, 0, 1).float()[None]
-    torch.testing.assert_close(item["parents"], variable_areas(one_hot, THIRDS.masks(32, 192, 0.5)[None], 0.25)[0])
+    torch.testing.assert_close(
+        item["parents"], variable_areas(one_hot, THIRDS.masks(32, 192, 0.5)[None], 0.25, (2, 3, 1))[0]
+    )
     assert torch.equal(item["regions"], THIRDS.masks(32, 192, 0.5))  # boundaries_mm = [32, 64] in the file
 
 
@@ -74,8 +85,34 @@ def test_png_pairs_with_a_label_map_and_the_registry(tmp_path):
     config = spec.config(path=tmp_path, spacing_mm=0.5, label_map={0: "background", 5: "lumen", 9: "noncalcified"})
     folder = spec.factory(config, partitioner=THIRDS, root=tmp_path / "_out")
     check_data_source(folder)
-    parents = dict(zip(folder.variables, folder.split("train")[0]["parents"].tolist()))
-    assert parents["la_proximal"] == 8 * 64 * 0.25 and parents["ncpa_mid"] == 2 * 20 * 0.25 and parents["cpa_mid"] == 0
+    assert folder.schema.classes == ("background", "lumen", "noncalcified")
+    parents = dict(zip(folder.schema.names, folder.split("train")[0]["parents"].tolist()))
+    assert set(parents) == {f"{s}_{r}" for s in ("lumen", "noncalcified") for r in ("proximal", "mid", "distal")}
+    assert parents["lumen_proximal"] == 8 * 64 * 0.25 and parents["noncalcified_mid"] == 2 * 20 * 0.25
+
+
+def test_any_structures_named_by_the_folder_description(tmp_path):
+    """Two structures of another anatomy, described by the folder's dataset.json; config fields override it."""
+    (tmp_path / "train").mkdir()
+    labels = np.zeros((16, 96), np.uint8)
+    labels[6:10] = 1  # vessel
+    labels[5, 20:40] = 2  # stent struts, in the near half
+    np.savez(tmp_path / "train" / "a.npz", image=np.zeros((16, 96), np.float32), mask=labels)
+    description = {"label_map": {"0": "tissue", "1": "vessel", "2": "stent"}, "spacing_mm": 1.0,
+                   "structures": {"stent": {"variable": "stent", "title": "stent area"}, "vessel": {}}}  # fmt: skip
+    (tmp_path / "dataset.json").write_text(json.dumps(description))
+    folder = FolderSource(FolderConfig(path=tmp_path), AxialPartitioner(("near", "far")), tmp_path / "_out")
+    check_data_source(folder)
+    assert folder.schema.names == ("stent_near", "stent_far", "vessel_near", "vessel_far")
+    assert folder.split("train")[0]["parents"].tolist() == [20.0, 0.0, 4 * 48.0, 4 * 48.0]
+    assert folder.schema.display("stent_far") == "STENT-far"
+    halved = FolderSource(
+        FolderConfig(path=tmp_path, spacing_mm=0.5), AxialPartitioner(("near", "far")), tmp_path / "_o2"
+    )
+    assert halved.split("train")[0]["parents"][0] == 20.0 * 0.25  # the config's spacing overrides the description
+    (tmp_path / "dataset.json").write_text(json.dumps({**description, "colour": "red"}))
+    with pytest.raises(DataError, match="unknown fields \\['colour'\\]"):
+        FolderSource(FolderConfig(path=tmp_path), AxialPartitioner(), tmp_path / "_o3")
 
 
 def bad_files(root: Path) -> dict[str, str]:

@@ -49,6 +49,9 @@ def npz_bytes(**arrays: Any) -> bytes:
     return buffer.getvalue()
 
 
+LABELS = {0: "background", 1: "lumen", 2: "calcified", 3: "noncalcified"}
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -56,7 +59,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def load_folder(root: Path, on_bad_file: str = "error") -> FolderSource:
-    config = FolderConfig(path=root, spacing_mm=SPACING, on_bad_file=on_bad_file)
+    config = FolderConfig(path=root, spacing_mm=SPACING, on_bad_file=on_bad_file, label_map=LABELS)
     return FolderSource(config, AxialPartitioner(), root / "_out")
 
 

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from causalimg.core.guidance import GuidanceInputs, GuidancePredictors
-from causalimg.core.regions import variable_areas
 from causalimg.core.transform import VariableTransform
-from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, NUM_CLASSES, variable_names
+from causalimg.data.phantom import phantom_schema
 from causalimg.errors import ConfigError
 from causalimg.guidance.positional import PositionalSegmentorGuidance, PositionalSegmentorGuidanceConfig
 from causalimg.guidance.regressor import RegressorGuidance, RegressorGuidanceConfig
@@ -25,6 +24,9 @@ from causalimg.plugins.manager import load_registry
 from causalimg.training.finetune import build_strategies
 
 REGIONS = ("proximal", "mid", "distal")
+SCHEMA = phantom_schema(REGIONS, with_age=False)
+NUM_CLASSES = SCHEMA.num_classes
+LUMEN, CALCIFIED, NONCALCIFIED = (SCHEMA.structure(s).label for s in ("la", "cpa", "ncpa"))
 H, W = 8, 24
 LEVELS = (-1.0, 1.0, 0.5, 0.0)  # background, lumen, calcified, non-calcified
 
@@ -50,7 +52,7 @@ class AreaRegressor(nn.Module):
         self.register_buffer("regions", regions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        areas = variable_areas(self.segmentor(x).softmax(1), self.regions, self.pixel_area)
+        areas = SCHEMA.measure(self.segmentor(x).softmax(1), self.regions, self.pixel_area)
         return self.transform.normalise(areas)
 
 
@@ -80,10 +82,10 @@ def render(labels: torch.Tensor) -> torch.Tensor:
 
 def truth(labels: torch.Tensor, pixel_area: float = 1.0, regions: torch.Tensor | None = None) -> torch.Tensor:
     onehot = nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
-    return variable_areas(onehot, thirds() if regions is None else regions, pixel_area)  # (B, 9)
+    return SCHEMA.measure(onehot, thirds() if regions is None else regions, pixel_area)  # (B, 9)
 
 
-TRANSFORM = VariableTransform(variable_names(REGIONS), torch.zeros(9), torch.tensor([8.0] * 3 + [8.0] * 3 + [20.0] * 3))
+TRANSFORM = VariableTransform(SCHEMA.names, torch.zeros(9), torch.tensor([8.0] * 3 + [8.0] * 3 + [20.0] * 3))
 
 
 def inputs_for(
@@ -104,7 +106,7 @@ def inputs_for(
         regions=thirds(),
         pixel_area_mm2=pixel_area,
         transform=TRANSFORM,
-        region_names=REGIONS,
+        schema=SCHEMA,
     )
 
 
@@ -195,7 +197,7 @@ def test_loss_scale_does_not_depend_on_resolution_or_units(name: str) -> None:
         regions=thirds(2 * H, 2 * W),
         pixel_area_mm2=0.25 / 100,
         transform=cm,
-        region_names=REGIONS,
+        schema=SCHEMA,
     )
     strategy = all_strategies()[name]
     if name == "regressor":  # its regressor measures in the new grid and units
@@ -216,7 +218,8 @@ def test_weight_and_l1_l2() -> None:
 
 def test_region_names_must_match_the_data() -> None:
     cf = scene([2])
-    inputs = dataclasses.replace(inputs_for(cf, truth(cf)), region_names=("left", "centre", "right"))
+    other = phantom_schema(("left", "centre", "right"), with_age=False)
+    inputs = dataclasses.replace(inputs_for(cf, truth(cf)), schema=other)
     with pytest.raises(ConfigError, match="cpa_left"):
         all_strategies()["positional-segmentor"](inputs)
 

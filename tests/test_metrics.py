@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from causalimg.core.schema import Variable
 from causalimg.core.transform import VariableTransform
-from causalimg.core.variables import NUM_CLASSES, STRUCTURES, variable_names
+from causalimg.data.phantom import phantom_schema
 from causalimg.metrics.base import (
     EvalContext,
     EvalInfo,
@@ -26,7 +28,9 @@ from causalimg.metrics.reversibility import Reversibility
 from causalimg.report.paired import paired_differences, paired_findings, paired_table
 
 REGIONS = ("proximal", "mid", "distal")
-NAMES = variable_names(REGIONS)
+SCHEMA = phantom_schema(REGIONS, with_age=False)
+NAMES = SCHEMA.area_names
+NUM_CLASSES = SCHEMA.num_classes
 H, W = 8, 24  # three 8 x 8 regions, 1 mm^2 pixels
 LEVELS = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])  # intensity of each class label
 
@@ -48,7 +52,7 @@ def render(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for k in range(3):
             flat = torch.zeros(64, dtype=torch.long)
             start = 0
-            for s, structure in enumerate(STRUCTURES):
+            for s, structure in enumerate(SCHEMA.structures):
                 count = round(float(parents[b, s * 3 + k]))
                 flat[start : start + count] = structure.label
                 start += count
@@ -114,7 +118,7 @@ class Drift:
 TRANSFORM = VariableTransform(
     NAMES, torch.tensor([0.0, 0, 0, 0, 0, 0, 8, 8, 8]), torch.tensor([8.0, 8, 8, 12, 12, 12, 30, 30, 30])
 )
-INFO = EvalInfo(NAMES, REGIONS)
+INFO = EvalInfo(SCHEMA)
 
 
 def batches(n: int = 12, batch_size: int = 4, seed: int = 0):
@@ -273,7 +277,7 @@ def test_parents_beyond_the_area_variables_are_carried_but_not_scored():
     transform = VariableTransform(
         names, torch.cat([torch.tensor([40.0]), TRANSFORM.low]), torch.cat([torch.tensor([80.0]), TRANSFORM.high])
     )
-    info = EvalInfo(NAMES, REGIONS, columns=tuple(range(1, 10)))
+    info = EvalInfo(dataclasses.replace(SCHEMA, extra=(Variable("age", unit="years"),)))
 
     class PerfectWithAge:
         def counterfactual(self, x, pa, do):

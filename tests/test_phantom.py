@@ -8,7 +8,6 @@ import torch
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from causalimg.core.regions import variable_areas
 from causalimg.data.phantom import PhantomConfig, PhantomSource
 from causalimg.data.phantom_geometry import AREA_RTOL, MARGIN_MM, PhantomExogenous
 from causalimg.errors import ConfigError, InterventionError
@@ -40,7 +39,7 @@ def test_plugin_builds_from_the_registry_and_meets_the_contract(tmp_path):
     src = spec.factory(spec.config(**SMALL), partitioner=AxialPartitioner(), root=tmp_path)
     check_data_source(src)
     check_data_source(src, "test")
-    assert src.image_shape == (32, 192) and src.variables[0] == "cpa_proximal" and src.graph["la_mid"] == ()
+    assert src.image_shape == (32, 192) and src.schema.names[0] == "cpa_proximal" and src.schema.graph["la_mid"] == ()
     assert list(tmp_path.glob("phantom-*/train-48/done.json")), "the split is cached on disk"
 
 
@@ -97,14 +96,14 @@ def test_areas_do_not_depend_on_the_pixel_spacing(tmp_path):
     np.testing.assert_allclose(a.parents, b.parents, rtol=AREA_RTOL, atol=1e-3)
 
 
-VARIABLES = PhantomSource(PhantomConfig(**SMALL), AxialPartitioner(), ".").variables
+VARIABLES = PhantomSource(PhantomConfig(**SMALL), AxialPartitioner(), ".").schema.names
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(index=st.integers(0, 47), var=st.sampled_from(VARIABLES), u=st.floats(0.0, 1.0))
 def test_true_counterfactual_is_local_and_exact(source, index, var, u):
     region = var.split("_")[1]
-    k = source.region_names.index(region)
+    k = source.schema.regions.index(region)
     low, high = {"cpa": (0.0, 25.0), "ncpa": (0.0, 40.0), "la": (40.0, 140.0)}[var.split("_")[0]]
     target = low + u * (high - low)
     exo = source.exogenous("train", index)
@@ -113,14 +112,14 @@ def test_true_counterfactual_is_local_and_exact(source, index, var, u):
         x2, m2, pa2 = source.true_counterfactual(exo, {var: target})
     except InterventionError:  # a target that cannot fit this image's geometry is refused, never faked
         reject()
-    v = source.variables.index(var)
+    v = source.schema.names.index(var)
     assert abs(pa2[v] - target) <= AREA_RTOL * target + ATOL
-    others = [i for i, name in enumerate(source.variables) if not name.endswith(region)]
+    others = [i for i, name in enumerate(source.schema.names) if not name.endswith(region)]
     assert torch.equal(pa2[others], pa[others]), "other regions' areas must be exactly unchanged"
-    same_region = [i for i, name in enumerate(source.variables) if name.endswith(region) and i != v]
+    same_region = [i for i, name in enumerate(source.schema.names) if name.endswith(region) and i != v]
     torch.testing.assert_close(pa2[same_region], pa[same_region], rtol=AREA_RTOL, atol=1e-4)
     if not var.startswith("la"):
-        assert pa2[source.variables.index(f"la_{region}")] == pa[source.variables.index(f"la_{region}")]
+        assert pa2[source.schema.names.index(f"la_{region}")] == pa[source.schema.names.index(f"la_{region}")]
     # every pixel farther than the blur margin from the region is bit-identical
     w = x.shape[-1]
     cols = (torch.arange(w) + 0.5) * source.spacing_mm
@@ -133,7 +132,7 @@ def test_true_counterfactual_is_local_and_exact(source, index, var, u):
 
 def test_null_counterfactual_reproduces_the_item_and_batches_match(source):
     item = source.split("train")[5]
-    exo = PhantomExogenous.unpack(item["exogenous"].numpy(), len(source.variables))
+    exo = PhantomExogenous.unpack(item["exogenous"].numpy(), len(source.schema.names))
     image, masks, parents = source.true_counterfactual(exo, {})
     assert (
         torch.equal(image, item["image"])
@@ -145,7 +144,7 @@ def test_null_counterfactual_reproduces_the_item_and_batches_match(source):
     assert torch.equal(batch["image"][0], single[0]) and torch.equal(
         batch["image"][1], source.split("train")[6]["image"]
     )
-    torch.testing.assert_close(variable_areas(batch["masks"], source.regions[None], 0.25), batch["parents"])
+    torch.testing.assert_close(source.schema.measure(batch["masks"], source.regions[None], 0.25), batch["parents"])
 
 
 def test_bad_interventions_are_refused(source):
@@ -159,7 +158,9 @@ def test_bad_interventions_are_refused(source):
 
 
 def test_age_graph_propagates_through_the_true_mechanism(aged):
-    assert aged.variables[0] == "age" and aged.graph["cpa_mid"] == ("age",) and aged.graph["la_mid"] == ()
+    assert (
+        aged.schema.names[0] == "age" and aged.schema.graph["cpa_mid"] == ("age",) and aged.schema.graph["la_mid"] == ()
+    )
     check_data_source(aged)
     exo = aged.exogenous("train", 2)
     _, _, pa = aged.true_counterfactual(exo, {})
@@ -194,11 +195,10 @@ def test_contact_sheet_is_a_png_of_the_samples(source, tmp_path):
 
 def test_contract_check_catches_parents_that_are_not_the_measured_areas(source):
     class Shifted:
-        variables, graph, region_names = source.variables, source.graph, source.region_names
-        image_shape, spacing_mm = source.image_shape, source.spacing_mm
+        schema, image_shape, spacing_mm = source.schema, source.image_shape, source.spacing_mm
 
         def split(self, name):
             return [{**item, "parents": item["parents"] + 1.0} for item in (source.split(name)[i] for i in range(2))]
 
-    with pytest.raises(AssertionError, match="!= variable_areas"):
+    with pytest.raises(AssertionError, match="!= schema.measure"):
         check_data_source(Shifted())

@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from causalimg.core.transform import VariableTransform
-from causalimg.core.variables import CLASS_NAMES, NUM_CLASSES
+from causalimg.data.phantom import CLASSES as CLASS_NAMES
 from causalimg.errors import ConfigError, DataError
-from causalimg.predictors.frozen import freeze, load_frozen, load_weights, save_weights
+from causalimg.io import load_module, save_tensors
+from causalimg.predictors.frozen import freeze, load_frozen
 from causalimg.predictors.regressor import RegressorConfig, build_regressor, evaluate_mae, regressor_objective
 from causalimg.predictors.unet import SegmentorConfig, UNet, dice_ce_loss, evaluate_dice, segmentor_objective
 
 SMALL = SegmentorConfig(widths=(8, 16, 32))
+NUM_CLASSES = len(CLASS_NAMES)
 
 
 def stripes(batch: int = 4, h: int = 16, w: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -35,7 +37,7 @@ def stripes(batch: int = 4, h: int = 16, w: int = 48, seed: int = 0) -> dict[str
 
 @pytest.mark.parametrize(("h", "w"), [(16, 48), (32, 8), (8, 8)])
 def test_unet_shapes_for_square_and_non_square_inputs(h: int, w: int) -> None:
-    net = UNet(SMALL)
+    net = UNet(SMALL, num_classes=NUM_CLASSES)
     x = torch.randn(2, 1, h, w)
     assert net(x).shape == (2, NUM_CLASSES, h, w)
     assert net.features(x).shape == (2, 32)
@@ -43,9 +45,9 @@ def test_unet_shapes_for_square_and_non_square_inputs(h: int, w: int) -> None:
 
 def test_unet_rejects_a_shape_its_depth_cannot_halve() -> None:
     with pytest.raises(ConfigError, match=r"divisible by 4; got 10 x 48"):
-        UNet(SMALL)(torch.randn(1, 1, 10, 48))
+        UNet(SMALL, num_classes=NUM_CLASSES)(torch.randn(1, 1, 10, 48))
     with pytest.raises(ConfigError, match=r"\(B, 1, H, W\)"):
-        UNet(SMALL)(torch.randn(1, 3, 16, 48))
+        UNet(SMALL, num_classes=NUM_CLASSES)(torch.randn(1, 3, 16, 48))
 
 
 def test_dice_ce_loss_is_small_for_confident_right_logits_and_large_for_wrong_ones() -> None:
@@ -60,7 +62,7 @@ def test_dice_ce_loss_is_small_for_confident_right_logits_and_large_for_wrong_on
 
 def test_segmentor_learns_intensity_coded_labels() -> None:
     torch.manual_seed(0)
-    net = UNet(SMALL)
+    net = UNet(SMALL, num_classes=NUM_CLASSES)
     batch = stripes(batch=8)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     first = float(segmentor_objective(net, batch)["loss"].detach())
@@ -69,7 +71,7 @@ def test_segmentor_learns_intensity_coded_labels() -> None:
         segmentor_objective(net, batch)["loss"].backward()
         opt.step()
     assert float(segmentor_objective(net, batch)["loss"].detach()) < 0.5 * first
-    dice = evaluate_dice(net, [stripes(batch=4, seed=1)])
+    dice = evaluate_dice(net, [stripes(batch=4, seed=1)], CLASS_NAMES)
     assert list(dice) == list(CLASS_NAMES)
     assert dice["background"] > 0.9 and dice["lumen"] > 0.9
     assert net.training  # evaluation restores the mode
@@ -89,7 +91,7 @@ def test_evaluate_dice_counts_pixels_over_the_whole_split() -> None:
     labels[0, 0, :2] = 1  # 2 lumen pixels
     pred = labels.clone()
     pred[0, 0, 0] = 0  # one of them missed
-    dice = evaluate_dice(Fixed(pred), [{"image": torch.zeros(1, 1, 2, 4), "labels": labels}])
+    dice = evaluate_dice(Fixed(pred), [{"image": torch.zeros(1, 1, 2, 4), "labels": labels}], CLASS_NAMES)
     assert dice["lumen"] == pytest.approx(2 * 1 / (1 + 2))
     assert dice["background"] == pytest.approx(2 * 6 / (7 + 6))
     assert dice["calcified"] == 1.0  # absent and never predicted
@@ -134,18 +136,18 @@ def test_freeze_stops_gradients_and_batchnorm_statistics() -> None:
 
 
 def test_safetensors_round_trip_and_refusals(tmp_path: Path) -> None:
-    net = UNet(SMALL)
+    net = UNet(SMALL, num_classes=NUM_CLASSES)
     path = tmp_path / "seg.safetensors"
-    save_weights(net, path)
-    other = load_frozen(UNet(SMALL), path)
+    save_tensors(path, net.state_dict())
+    other = load_frozen(UNet(SMALL, num_classes=NUM_CLASSES), path)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     assert not other.training and not any(p.requires_grad for p in other.parameters())
-    with pytest.raises(DataError, match="must be a .safetensors file"):
-        load_weights(UNet(SMALL), tmp_path / "seg.pt")
-    with pytest.raises(DataError, match="do not exist"):
-        load_weights(UNet(SMALL), tmp_path / "missing.safetensors")
+    with pytest.raises(DataError, match="from .safetensors files only"):
+        load_module(UNet(SMALL, num_classes=NUM_CLASSES), tmp_path / "seg.pt")
+    with pytest.raises(DataError, match="not found"):
+        load_module(UNet(SMALL, num_classes=NUM_CLASSES), tmp_path / "missing.safetensors")
     with pytest.raises(DataError, match="do not fit UNet"):
-        load_weights(UNet(SegmentorConfig(widths=(8, 16))), path)
+        load_module(UNet(SegmentorConfig(widths=(8, 16)), num_classes=NUM_CLASSES), path)
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(DataError, match="not a readable safetensors file"):
-        load_weights(UNet(SMALL), tmp_path / "bad.safetensors")
+        load_module(UNet(SMALL, num_classes=NUM_CLASSES), tmp_path / "bad.safetensors")

@@ -114,7 +114,7 @@ def test_regional_areas_sum_to_the_global_area(name, batch, seed, spacing):
 def test_variable_areas_are_differentiable_and_structure_major():
     probs = torch.rand(2, 4, 8, 12).softmax(1).requires_grad_(True)
     regions = build("axial-thirds").masks(8, 12, 1.0)[None]
-    out = variable_areas(probs, regions, 1.0)  # (B, 9): cpa_*, ncpa_*, la_*
+    out = variable_areas(probs, regions, 1.0, (2, 3, 1))  # (B, 9): structure-major, labels 2, 3, 1
     out.sum().backward()
     assert probs.grad is not None and probs.grad[:, 1:].eq(1).all() and probs.grad[:, 0].eq(0).all()
     torch.testing.assert_close(out[:, 6], probs[:, 1, :, :4].sum((1, 2)))  # la_proximal: lumen, first third

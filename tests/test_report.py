@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from causalimg.core.variables import variable_names
+from causalimg.data.phantom import phantom_schema
 from causalimg.metrics.base import EvalInfo
 from causalimg.metrics.effectiveness import error_summary
 from causalimg.report.figures import error_bars, figure1
@@ -22,8 +22,9 @@ from causalimg.report.html import write_report
 from causalimg.report.tables import intervention_table, ordering_count, paper_comparison, summary_table
 
 REGIONS = ("proximal", "mid", "distal")
-NAMES = variable_names(REGIONS)
-INFO = EvalInfo(NAMES, REGIONS)
+SCHEMA = phantom_schema(REGIONS, with_age=False)
+NAMES = SCHEMA.area_names
+INFO = EvalInfo(SCHEMA)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -37,7 +38,7 @@ def summaries() -> dict[str, dict]:
 
 
 def test_table1_layout_marks_intervened_cells_and_bolds_the_best():
-    table = intervention_table(summaries(), NAMES, REGIONS, "Table 1")
+    table = intervention_table(summaries(), SCHEMA, "Table 1")
     assert len(table.rows) == 27 and table.columns == REGIONS
     md = table.markdown()
     lines = md.splitlines()
@@ -84,7 +85,7 @@ def test_figure1_and_bars_are_pngs_of_the_expected_size(tmp_path):
 
 
 def write_sample_report(tmp_path: Path) -> Path:
-    table = intervention_table(summaries(), NAMES, REGIONS, "Table 1: effectiveness")
+    table = intervention_table(summaries(), SCHEMA, "Table 1: effectiveness")
     png = error_bars({"a": dict.fromkeys(NAMES, 1.0)}, NAMES, tmp_path / "bars.png", "errors")
     return write_report(
         tmp_path / "report.html",
@@ -155,7 +156,7 @@ def test_paper_comparison_puts_ratios_side_by_side():
         for name in NAMES
         for cft, v in (("No-CFT", 40.0), ("Reg-CFT", 20.0), ("Pos-Seg-CFT", 10.0))
     )
-    table = paper_comparison(paper, summaries(), NAMES)
+    table = paper_comparison(paper, summaries(), SCHEMA)
     assert len(table.rows) == 9
     (label,), cells = table.rows[0]
     assert label == "do(CPA-proximal)"

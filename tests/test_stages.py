@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 
 from causalimg.errors import ConfigError
-from causalimg.pipeline.stage import (
-    DONE,
-    Stage,
-    StageContext,
-    atomic_path,
-    atomic_write_json,
-    config_hash,
-    run_stages,
-    stage_hashes,
-)
+from causalimg.io import atomic_path, atomic_write_json
+from causalimg.pipeline.stage import DONE, Stage, StageContext, config_hash, run_stages, stage_hashes
 
 
 class Recorder:

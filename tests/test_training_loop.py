@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from causalimg import io
 from causalimg.config.sections import TrackingConfig, TrainConfig
 from causalimg.errors import ConfigError, DataError, TrainingError
 from causalimg.training import checkpoint as ckpt
@@ -125,8 +126,8 @@ def test_ema_follows_the_ramped_decay():
 
 def test_saved_weights_are_the_ema_and_loaded_into_the_model(tmp_path):
     model, result = train(tmp_path)
-    saved = ckpt.load_tensors(result.weights)
-    raw = ckpt.load_tensors(tmp_path / "checkpoints" / "step_00000008" / ckpt.MODEL_FILE)
+    saved = io.load_tensors(result.weights)
+    raw = io.load_tensors(tmp_path / "checkpoints" / "step_00000008" / ckpt.MODEL_FILE)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(saved["0.weight"], raw["0.weight"])  # the average lags the last weights
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -239,7 +240,7 @@ def test_keeps_only_the_newest_checkpoints_and_ignores_partial_ones(tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    real = ckpt.atomic_save_tensors
+    real = io.save_tensors
     calls = {"n": 0}
 
     def full_disk(path, state):
@@ -248,10 +249,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, state)
 
-    monkeypatch.setattr(ckpt, "atomic_save_tensors", full_disk)
+    monkeypatch.setattr(io, "save_tensors", full_disk)
     with pytest.raises(TrainingError, match=r"No space left.*step_00000003 is untouched"):
         train(tmp_path)
-    monkeypatch.setattr(ckpt, "atomic_save_tensors", real)
+    monkeypatch.setattr(io, "save_tensors", real)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003"]
     _, result = train(tmp_path, resume=True)
     assert result.summary["resumed_from_step"] == 3
@@ -283,7 +284,7 @@ def test_pickled_weights_are_refused_and_never_run(tmp_path):
     for name in ("weights.pt", "weights.bin", "weights.pkl", "weights.safetensors"):
         _evil_pickle(tmp_path / name, marker)
         with pytest.raises(DataError, match=name):
-            ckpt.load_weights(model, tmp_path / name)
+            io.load_module(model, tmp_path / name)
     # A checkpoint whose pickle-based optimizer and custom-state files were replaced.
     train(tmp_path / "run", steps=3)
     last = ckpt.list_checkpoints(tmp_path / "run")[-1]
@@ -322,10 +323,10 @@ def test_bf16_channels_last_and_tensorboard(tmp_path):
 def test_tied_weights_are_saved_and_loaded(tmp_path):
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     model[1].weight = model[0].weight
-    ckpt.atomic_save_tensors(tmp_path / "tied.safetensors", model.state_dict())
+    io.save_tensors(tmp_path / "tied.safetensors", model.state_dict())
     copy = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     copy[1].weight = copy[0].weight
-    ckpt.load_weights(copy, tmp_path / "tied.safetensors")
+    io.load_module(copy, tmp_path / "tied.safetensors")
     assert torch.equal(copy[1].weight, model[0].weight) and copy[1].weight is copy[0].weight
 
 

@@ -2,7 +2,7 @@
 runs nowhere; run.dir cannot escape by ``..`` (and an unusable one is refused up front); plugins load only from entry points and named
 directories; a plugin failing on import or registration stops the run by name, leaving nothing.
 
-Already tested elsewhere (not repeated here): ``training.checkpoint.load_weights`` and resuming
+Already tested elsewhere (not repeated here): resuming
 with tampered optimizer/RNG pickles (tests/test_training_loop.py), YAML python tags through both
 command lines (tests/test_fuzz_config.py), pickled object arrays in folder .npz files
 (tests/test_fuzz_folder.py), plugin errors inside the manager (tests/test_plugin_manager.py).
@@ -29,14 +29,13 @@ from causalimg import cli, run
 from causalimg.core.transform import VariableTransform
 from causalimg.data.phantom import PhantomConfig, PhantomSource
 from causalimg.errors import DataError
+from causalimg.io import load_module
 from causalimg.mechanisms.hvae import HVAE, HVAEConfig
-from causalimg.pipeline.components import load_module
 from causalimg.plugins.manager import ENV_ONLY
 from causalimg.predictors import frozen
 from causalimg.predictors.regressor import RegressorConfig, build_regressor
 from causalimg.predictors.unet import SegmentorConfig, UNet
 from causalimg.regions.axial import AxialPartitioner
-from causalimg.training import checkpoint
 
 
 class Payload:
@@ -77,15 +76,14 @@ def _hvae() -> HVAE:
 
 
 LOADERS: dict[str, Callable[[Path], Any]] = {
-    "predictors.frozen.load_weights(UNet)": lambda p: frozen.load_weights(UNet(SegmentorConfig(widths=(4, 8))), p),
+    "predictors.frozen.load_frozen(UNet)": lambda p: frozen.load_frozen(
+        UNet(SegmentorConfig(widths=(4, 8)), num_classes=4), p
+    ),
     "predictors.frozen.load_frozen(regressor)": lambda p: frozen.load_frozen(
         build_regressor(RegressorConfig(arch="resnet10t"), 3), p
     ),
-    "training.checkpoint.load_weights(HVAE)": lambda p: checkpoint.load_weights(_hvae(), p),
-    "pipeline.components.load_module(HVAE)": lambda p: load_module(_hvae(), p),
-    "pipeline.components.load_module(flows, prefix)": lambda p: load_module(
-        nn.ModuleDict({"a": nn.Linear(1, 1)}), p, "attributes."
-    ),
+    "io.load_module(HVAE)": lambda p: load_module(_hvae(), p),
+    "io.load_module(flows, prefix)": lambda p: load_module(nn.ModuleDict({"a": nn.Linear(1, 1)}), p, "attributes."),
     "core.transform.VariableTransform.load": VariableTransform.load,
 }
 

@@ -1,4 +1,9 @@
-"""Errors that are the user's to fix: printed as one clear message, never as a traceback."""
+"""Errors that are the user's to fix: printed as one clear message, never as a traceback.
+
+Exit statuses of every causalimg command: 2 for a user's mistake in the config, the data or the
+environment (every ``CausalImgError``), 130 for an interruption (Ctrl-C, SIGTERM), 1 with a
+traceback for anything else, which is a bug.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,15 @@ from __future__ import annotations
 class CausalImgError(Exception):
     """Base of every user-facing error. ``exit_code`` is what the command line exits with."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class ConfigError(CausalImgError):
-    """A config file, override or plugin selection is invalid (exit status 2)."""
-
-    exit_code = 2
+    """A config file, override or plugin selection is invalid."""
 
 
 class PluginError(CausalImgError):
     """A plugin failed to import or register, or two plugins claim the same name."""
-
-    exit_code = 2
 
 
 class DataError(CausalImgError):
@@ -31,3 +32,11 @@ class InterventionError(CausalImgError, ValueError):
 
 class TrainingError(CausalImgError):
     """Training cannot go on (for example too many skipped steps); the last good checkpoint is kept."""
+
+
+class DiskFullError(CausalImgError):
+    """The disk filled up while writing; the message names the file and the free space."""
+
+
+class RunLockedError(CausalImgError):
+    """Another run holds the run folder; the message names its host and process."""

@@ -11,7 +11,6 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from causalimg.cli import add_config_arguments, report_errors
 from causalimg.config.loader import dump_config, load_config
 from causalimg.config.sections import TrainConfig
 from causalimg.errors import ConfigError
+from causalimg.io import atomic_write_text
 from causalimg.pipeline.stages import run_pipeline
 from causalimg.plugins.manager import load_registry
 from causalimg.training.accelerator import finish, make_accelerator
@@ -67,14 +67,6 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that readers see the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def check_resume(run_dir: Path, resolved: str) -> None:
     """Resuming needs the run's saved config, unchanged: a changed config is a new run."""
     saved = run_dir / RESOLVED_CONFIG
@@ -95,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         check_resume(run_dir, resolved)
     if is_main_process():
         try:  # the first write: an unusable run.dir is reported before anything runs
-            write_atomic(run_dir / RESOLVED_CONFIG, resolved)
+            atomic_write_text(run_dir / RESOLVED_CONFIG, resolved)
         except OSError as err:
             raise ConfigError(f"run.dir {str(run_dir)!r} is not writable: {err.strerror or err}") from None
         steps = plan(config, select_stages(args.only, args.start))

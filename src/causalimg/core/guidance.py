@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from causalimg.core.schema import VariableSchema
 from causalimg.core.transform import VariableTransform
 
 
@@ -20,7 +21,7 @@ class GuidanceInputs:
     parents:    (B, P) factual parents in data units
     intervened: (B, P) bool, True where the variable was the target of do(.)
     regions:    (B or 1, K, H, W) region masks of the configured partitioner
-    region_names: the K region names, in the order of ``regions`` (maps areas to variable names)
+    schema:     the data's variables: which columns are areas of which structure and region
     """
 
     cf_image: torch.Tensor
@@ -31,7 +32,7 @@ class GuidanceInputs:
     regions: torch.Tensor
     pixel_area_mm2: float
     transform: VariableTransform
-    region_names: tuple[str, ...]
+    schema: VariableSchema
 
 
 @dataclass(frozen=True)

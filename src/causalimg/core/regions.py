@@ -12,8 +12,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from einops import einsum
 
-from causalimg.core.variables import STRUCTURES
-
 
 @runtime_checkable
 class Partitioner(Protocol):
@@ -54,11 +52,13 @@ def regional_areas(probs: torch.Tensor, regions: torch.Tensor, pixel_area_mm2: f
     return einsum(probs, regions, "b c h w, b k h w -> b c k") * pixel_area_mm2
 
 
-def variable_areas(probs: torch.Tensor, regions: torch.Tensor, pixel_area_mm2: float) -> torch.Tensor:
-    """The causal variables (structure x region areas, structure-major, see ``variable_names``).
+def variable_areas(
+    probs: torch.Tensor, regions: torch.Tensor, pixel_area_mm2: float, labels: Sequence[int]
+) -> torch.Tensor:
+    """Area variables: the soft areas of the classes ``labels`` (the structures, in order) per region.
 
-    probs: (B, C, H, W); regions: (B or 1, K, H, W); returns (B, S * K) with S = len(STRUCTURES).
+    probs: (B, C, H, W); regions: (B or 1, K, H, W); returns (B, S * K), structure-major, S = len(labels).
     """
     areas = regional_areas(probs, regions, pixel_area_mm2)  # (B, C, K)
-    labels = torch.tensor([s.label for s in STRUCTURES], device=probs.device)
-    return areas.index_select(1, labels).flatten(1)  # (B, S*K)
+    index = torch.tensor(list(labels), device=probs.device)
+    return areas.index_select(1, index).flatten(1)  # (B, S*K)

@@ -6,14 +6,19 @@ Layout: ``<path>/<split>/`` for split in train, val, test, each holding either
   fractions (channel i = label value i); every other array in the file is per-image metadata
   (for example ``boundaries_mm`` for the ``landmarks`` partitioner); or
 * ``<stem>.png`` image with ``<stem>_mask.png`` integer labels, and optionally ``<stem>.json``
-  metadata.
+  metadata;
 
-``label_map`` maps each label value in the files to a causalimg class (background, lumen,
-calcified, noncalcified). Images are either already in [-1, 1] (``window: null``) or in HU,
-mapped to [-1, 1] by ``window``; 8/16-bit PNGs are scaled by their bit depth. The parents are
-the regional areas measured with the configured partitioner and ``core.regions.variable_areas``,
-the same function the rest of causalimg uses. Every unusable file is a DataError naming the file,
-or, with ``on_bad_file: skip``, is listed in ``<root>/folder_skipped.txt`` and warned about.
+and optionally ``<path>/dataset.json``, the folder's own description (``label_map``,
+``structures``, ``spacing_mm``, ``window``), which the config's fields override one by one.
+
+The folder's anatomy comes from its labels: ``label_map`` names the class of every label value
+(any number of classes, any names; several values may share a class), and every class except the
+one of label 0 is a structure whose area in each region is a variable, named after the class
+unless ``structures`` says otherwise. Images are either already in [-1, 1] (``window: null``) or in
+HU, mapped to [-1, 1] by ``window``; 8/16-bit PNGs are scaled by their bit depth. The parents are
+the regional areas measured with the configured partitioner and the schema's measurement, the
+same one the rest of causalimg uses. Every unusable file is a DataError naming the file, or, with
+``on_bad_file: skip``, is listed in ``<root>/folder_skipped.txt`` and warned about.
 """
 
 from __future__ import annotations
@@ -27,36 +32,46 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import PositiveFloat, field_validator
+from pydantic import Field, PositiveFloat, ValidationError, field_validator
 from torch.utils.data import Dataset
 
 import causalimg
 from causalimg.config.base import StrictModel
-from causalimg.core.data import Split
-from causalimg.core.regions import Partitioner, variable_areas
-from causalimg.core.variables import CLASS_NAMES, NUM_CLASSES, variable_names
+from causalimg.core.data import SPLITS, Split
+from causalimg.core.regions import Partitioner
+from causalimg.core.schema import Structure, VariableSchema
 from causalimg.errors import ConfigError, DataError
 from causalimg.plugins.specs import DatasetSpec
 
-ClassName = Literal["background", "lumen", "calcified", "noncalcified"]
-SPLITS: tuple[Split, ...] = ("train", "val", "test")
+MANIFEST = "dataset.json"  # a folder's own description; config fields override it
+
+
+class StructureConfig(StrictModel):
+    """A class whose area in each region is a causal variable."""
+
+    variable: str | None = Field(None, pattern=r"^[a-z][a-z0-9]*$")  # variable prefix; None: the class name
+    title: str = ""  # e.g. "calcified plaque area"
+    abbreviation: str = ""  # how tables name it, e.g. "CPA"
 
 
 class FolderConfig(StrictModel):
-    """Where the files are, how their labels map to classes, and their pixel spacing."""
+    """Where the files are, what their labels are, and their pixel spacing (None: from dataset.json)."""
 
     name: Literal["folder"] = "folder"
     path: Path
-    spacing_mm: PositiveFloat
-    label_map: dict[int, ClassName] = {0: "background", 1: "lumen", 2: "calcified", 3: "noncalcified"}
+    spacing_mm: PositiveFloat | None = None
+    label_map: dict[int, str] | None = None  # file label value -> class name
+    structures: dict[str, StructureConfig] | None = None  # class -> its variables; None: every class but label 0's
     window: tuple[float, float] | None = None  # HU window mapped to [-1, 1]; None: images already in [-1, 1]
     on_bad_file: Literal["error", "skip"] = "error"
 
     @field_validator("label_map")
     @classmethod
-    def _labels(cls, v: dict[int, str]) -> dict[int, str]:
-        if any(k < 0 for k in v):
+    def _labels(cls, v: dict[int, str] | None) -> dict[int, str] | None:
+        if v is not None and any(k < 0 for k in v):
             raise ValueError(f"label values must be >= 0, got {sorted(v)}")
+        if v is not None and not all(isinstance(n, str) and n for n in v.values()):
+            raise ValueError("class names must be non-empty strings")
         return v
 
     @field_validator("window")
@@ -67,6 +82,57 @@ class FolderConfig(StrictModel):
         return v
 
 
+def resolved_config(config: FolderConfig) -> FolderConfig:
+    """The config with every field left unset filled from ``<path>/dataset.json`` (when present)."""
+    manifest = config.path / MANIFEST
+    if not manifest.is_file():
+        described: dict[str, Any] = {}
+    else:
+        try:
+            described = json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{manifest}: not a readable JSON object ({err})") from None
+        if not isinstance(described, dict):
+            raise DataError(f"{manifest}: must hold a JSON object, not a {type(described).__name__}")
+    known = {"label_map", "structures", "spacing_mm", "window"}
+    unknown = sorted(set(described) - known)
+    if unknown:
+        raise DataError(f"{manifest}: unknown fields {unknown}; it may give {sorted(known)}")
+    given = config.model_dump(exclude_unset=True)
+    merged = {**described, **given, "name": "folder", "path": config.path}
+    try:
+        config = FolderConfig.model_validate(merged)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DataError(f"{manifest}: {where}: {first['msg']}") from None
+    for field in ("label_map", "spacing_mm"):
+        if getattr(config, field) is None:
+            raise ConfigError(f"data.{field} is required: give it in the config or in {manifest}")
+    return config
+
+
+def folder_schema(config: FolderConfig, regions: tuple[str, ...]) -> VariableSchema:
+    """Classes from the label map (ordered by their smallest label value), structures from ``structures``."""
+    assert config.label_map is not None
+    classes = tuple(dict.fromkeys(config.label_map[v] for v in sorted(config.label_map)))
+    if config.structures is None:
+        background = config.label_map.get(0)
+        chosen = {c: StructureConfig() for c in classes if c != background}
+    else:
+        chosen = dict(config.structures)
+        unknown = [c for c in chosen if c not in classes]
+        if unknown:
+            raise ConfigError(f"data.structures names {unknown}, which are not classes of label_map {list(classes)}")
+    structures = tuple(
+        Structure(s.variable or c, classes.index(c), s.title or f"{c} area", s.abbreviation) for c, s in chosen.items()
+    )
+    for s in structures:
+        if not s.name.isidentifier():
+            raise ConfigError(f"class {s.name!r} cannot name variables; give data.structures.{s.name}.variable")
+    return VariableSchema(classes, structures, regions)
+
+
 class _BadFile(Exception):
     """A file's problem; becomes a DataError or a skip-report line."""
 
@@ -75,15 +141,15 @@ class FolderSource:
     """A :class:`~causalimg.core.data.DataSource` over a directory of image/mask files."""
 
     def __init__(self, config: FolderConfig, partitioner: Partitioner, root: Path):
-        self.config = config
-        self.partitioner = partitioner
-        self.region_names = tuple(partitioner.region_names)
-        self.variables = variable_names(self.region_names)
-        self.graph = {v: () for v in self.variables}
-        self.spacing_mm = config.spacing_mm
-        self.root = Path(root)
         if not config.path.is_dir():
             raise DataError(f"data.path {str(config.path)!r} is not a directory")
+        self.config = config = resolved_config(config)
+        self.partitioner = partitioner
+        self.schema = folder_schema(config, tuple(partitioner.region_names))
+        assert config.spacing_mm is not None and config.label_map is not None
+        self.spacing_mm: float = config.spacing_mm
+        self.label_map: dict[int, str] = config.label_map
+        self.root = Path(root)
         self._lut = self._label_lookup()
         self.skipped: list[tuple[Path, str]] = []
         self._files: dict[str, list[Path]] = {}
@@ -103,9 +169,9 @@ class FolderSource:
 
     def _label_lookup(self) -> np.ndarray:
         """(max label + 1,) class index of each file label value; -1 where the map has no entry."""
-        lut = np.full(max(self.config.label_map) + 1, -1, dtype=np.int64)
-        for value, cls_name in self.config.label_map.items():
-            lut[value] = CLASS_NAMES.index(cls_name)
+        lut = np.full(max(self.label_map) + 1, -1, dtype=np.int64)
+        for value, cls_name in self.label_map.items():
+            lut[value] = self.schema.classes.index(cls_name)
         return lut
 
     # -- reading one file ----------------------------------------------------------------------
@@ -205,9 +271,9 @@ class FolderSource:
             values = np.unique(mask)
             bad = [int(v) for v in values if v < 0 or v >= len(self._lut) or self._lut[v] < 0]
             if bad:
-                raise _BadFile(f"mask labels {bad} are not in label_map {sorted(self.config.label_map)}")
+                raise _BadFile(f"mask labels {bad} are not in label_map {sorted(self.label_map)}")
             labels = torch.from_numpy(self._lut[mask])
-            return torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(2, 0, 1).to(torch.float32)
+            return torch.nn.functional.one_hot(labels, self.schema.num_classes).permute(2, 0, 1).to(torch.float32)
         if mask.ndim == 3:  # soft fractions, channel = label value
             if mask.shape[1:] != shape:
                 raise _BadFile(f"soft mask shape {mask.shape} does not match image shape {shape}")
@@ -218,7 +284,7 @@ class FolderSource:
             mask = mask.astype(np.float64)
             if not np.isfinite(mask).all() or mask.min() < 0 or np.abs(mask.sum(0) - 1).max() > 1e-3:
                 raise _BadFile("soft mask must be finite, >= 0 and sum to 1 over channels at every pixel")
-            out = np.zeros((NUM_CLASSES, *shape), np.float64)
+            out = np.zeros((self.schema.num_classes, *shape), np.float64)
             np.add.at(out, self._lut, mask)
             return torch.from_numpy(out.astype(np.float32))
         raise _BadFile(f"mask must be (H, W) labels or (L, H, W) fractions, got shape {mask.shape}")
@@ -234,7 +300,7 @@ class FolderSource:
                 if self.image_shape is not None and shape != self.image_shape:
                     raise DataError(f"{path}: image shape {shape} differs from the data set's {self.image_shape}")
                 regions = self.partitioner.masks(*shape, self.spacing_mm, meta)  # (K, H, W)
-                pa = variable_areas(masks[None], regions[None], self.spacing_mm**2)[0]
+                pa = self.schema.measure(masks[None], regions[None], self.spacing_mm**2)[0]
             except DataError as err:
                 if self.config.on_bad_file == "error":
                     raise

@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 import causalimg
 from causalimg.config.base import StrictModel
 from causalimg.core.data import Split
-from causalimg.core.regions import Partitioner, variable_areas
-from causalimg.core.variables import variable_names
+from causalimg.core.regions import Partitioner
+from causalimg.core.schema import Structure, Variable, VariableSchema
 from causalimg.data import phantom_geometry as geo
 from causalimg.data import phantom_render as render
 from causalimg.errors import CausalImgError, ConfigError, DataError, InterventionError
@@ -76,6 +76,25 @@ def _mask_equal_thirds(partitioner: Partitioner, h: int, w: int, spacing: float)
     return tuple(partitioner.region_names) == geo.REGION_NAMES and torch.equal(masks.cpu().float(), thirds)
 
 
+# The phantom's classes (label order of its masks) and structures, in variable order.
+CLASSES = ("background", "lumen", "calcified", "noncalcified")
+STRUCTURES = (
+    Structure("cpa", 2, "calcified plaque area", "CPA"),
+    Structure("ncpa", 3, "non-calcified plaque area", "NCPA"),
+    Structure("la", 1, "lumen area", "LA"),
+)
+
+
+def phantom_schema(regions: tuple[str, ...], with_age: bool) -> VariableSchema:
+    """The phantom's variables: plaque and lumen areas per region, and ``age`` (a parent of every
+    plaque area) when the age effect is on."""
+    if not with_age:
+        return VariableSchema(CLASSES, STRUCTURES, regions)
+    plaque = [VariableSchema.area_name(s.name, r) for s in STRUCTURES[:2] for r in regions]
+    age = Variable(AGE, unit="years", title="age")
+    return VariableSchema(CLASSES, STRUCTURES, regions, extra=(age,), parents={v: (AGE,) for v in plaque})
+
+
 @dataclass(frozen=True)
 class Rendered:
     """One rendered batch: numpy arrays as stored in the cache."""
@@ -105,12 +124,9 @@ class PhantomSource:
                 f"give those masks; use partitioner 'axial-thirds'"
             )
         self.partitioner = partitioner
-        self.region_names = geo.REGION_NAMES
         self.with_age = config.age_effect > 0
-        areas = variable_names(self.region_names)
-        self.variables: tuple[str, ...] = ((AGE,) if self.with_age else ()) + areas
-        plaque = {v for v in areas if v.split("_")[0] in ("cpa", "ncpa")}
-        self.graph = {v: ((AGE,) if self.with_age and v in plaque else ()) for v in self.variables}
+        self.schema = phantom_schema(geo.REGION_NAMES, self.with_age)
+        self.variables = self.schema.names
         self.regions = partitioner.masks(h, w, config.spacing_mm).float()  # (K, H, W)
         self.root = Path(root)
         self._cache: dict[str, dict[str, np.ndarray]] = {}
@@ -186,7 +202,7 @@ class PhantomSource:
         values = np.where(np.isnan(interventions), exo.u, interventions)
         if self.with_age:
             factor = np.exp(self.config.age_effect * (values[:, 0] - 60.0) / 20.0)[:, None]  # (B, 1)
-            plaque = slice(1, 1 + 2 * len(self.region_names))  # cpa_*, ncpa_*
+            plaque = slice(1, 1 + 2 * len(self.schema.regions))  # cpa_*, ncpa_*
             pushed = exo.u[:, plaque] * factor
             values[:, plaque] = np.where(np.isnan(interventions[:, plaque]), pushed, interventions[:, plaque])
         return values
@@ -217,7 +233,7 @@ class PhantomSource:
     def _measure(self, masks: np.ndarray) -> np.ndarray:
         """Parents from masks with the one shared measurement: (B, 9) float32."""
         pixel_area = self.spacing_mm**2
-        return variable_areas(torch.from_numpy(masks), self.regions[None], pixel_area).numpy()
+        return self.schema.measure(torch.from_numpy(masks), self.regions[None], pixel_area).numpy()
 
     def render_indices(self, split: Split, indices: np.ndarray) -> Rendered:
         exo = self.exogenous_batch(split, indices)

@@ -26,8 +26,6 @@ from torch import nn
 
 from causalimg.config.base import StrictModel
 from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
-from causalimg.core.transform import VariableTransform
-from causalimg.core.variables import variable_names
 from causalimg.errors import ConfigError
 from causalimg.predictors.frozen import freeze
 
@@ -71,16 +69,14 @@ def measurement_errors(pred: torch.Tensor, target: torch.Tensor, kind: str) -> t
     return diff.abs() if kind == "l1" else diff.square()
 
 
-def area_indices(transform: VariableTransform, region_names: tuple[str, ...]) -> torch.Tensor:
-    """Parent indices of the structure x region area variables, in ``variable_names`` order, (S*K,)."""
-    names = variable_names(tuple(region_names))
-    missing = [n for n in names if n not in transform.names]
-    if missing:
+def area_indices(inputs: GuidanceInputs) -> torch.Tensor:
+    """Parent columns of the structure x region area variables, structure-major, (S*K,)."""
+    if tuple(inputs.transform.names) != inputs.schema.names:
         raise ConfigError(
-            f"the regions {list(region_names)} imply area variables {missing} that the data does not "
-            f"have; its variables are {list(transform.names)} (does the partitioner match the data set's?)"
+            f"the data's variables {list(inputs.schema.names)} are not those the variable transform was fitted on "
+            f"{list(inputs.transform.names)} (does the partitioner match the data set's?)"
         )
-    return torch.tensor([transform.names.index(n) for n in names], dtype=torch.long)
+    return torch.tensor(inputs.schema.area_columns, dtype=torch.long)
 
 
 def normalise_with(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@
 R_1..R_K are the masks of whatever partitioner the run names (``inputs.regions``); the same
 segmentor serves every region, other regions being masked out by R_k. n is the recorded
 variable transform, the very normalisation of the parents. The measurement is
-``core.regions.variable_areas``, the one shared with the data and the metrics.
+``VariableSchema.measure``, the one shared with the data and the metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 
 import causalimg
 from causalimg.core.guidance import GuidanceInputs
-from causalimg.core.regions import variable_areas
 from causalimg.errors import ConfigError
 from causalimg.guidance.base import (
     MeasurementGuidance,
@@ -37,22 +36,22 @@ class PositionalSegmentorGuidance(MeasurementGuidance):
     predictor_field = "segmentor"
 
     def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
-        if inputs.regions.shape[1] != len(inputs.region_names):
+        if inputs.regions.shape[1] != len(inputs.schema.regions):
             raise ConfigError(
-                f"{inputs.regions.shape[1]} region masks but {len(inputs.region_names)} region names "
-                f"{list(inputs.region_names)}"
+                f"{inputs.regions.shape[1]} region masks but {len(inputs.schema.regions)} regions "
+                f"{list(inputs.schema.regions)}"
             )
         probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
-        areas = variable_areas(probs, inputs.regions, inputs.pixel_area_mm2)  # (B, S*K) mm^2
-        idx = area_indices(inputs.transform, inputs.region_names)
+        areas = inputs.schema.measure(probs, inputs.regions, inputs.pixel_area_mm2)  # (B, S*K) mm^2
+        idx = area_indices(inputs)
         return normalise_with(areas, inputs.transform.low[idx], inputs.transform.high[idx])
 
     def target(self, parents: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
-        idx = area_indices(inputs.transform, inputs.region_names).to(parents.device)
+        idx = area_indices(inputs).to(parents.device)
         return inputs.transform.normalise(parents).index_select(-1, idx)  # (B, S*K)
 
     def touched(self, intervened: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
-        idx = area_indices(inputs.transform, inputs.region_names).to(intervened.device)
+        idx = area_indices(inputs).to(intervened.device)
         return intervened.index_select(-1, idx)  # (B, S*K)
 
 

@@ -18,7 +18,6 @@ from einops import rearrange, reduce
 import causalimg
 from causalimg.core.guidance import GuidanceInputs
 from causalimg.core.regions import variable_areas
-from causalimg.core.variables import STRUCTURES
 from causalimg.guidance.base import (
     MeasurementGuidance,
     SoftAreaGuidanceConfig,
@@ -38,8 +37,8 @@ class SegmentorGuidance(MeasurementGuidance):
 
     def _structure_sums(self, values: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         """(B, P) per-variable values -> (B, S) per-structure sums over regions."""
-        idx = area_indices(inputs.transform, inputs.region_names).to(values.device)
-        regional = rearrange(values.index_select(-1, idx), "b (s k) -> b s k", s=len(STRUCTURES))
+        idx = area_indices(inputs).to(values.device)
+        regional = rearrange(values.index_select(-1, idx), "b (s k) -> b s k", s=len(inputs.schema.structures))
         return reduce(regional, "b s k -> b s", "sum")
 
     def _normalise(self, areas: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
@@ -51,7 +50,7 @@ class SegmentorGuidance(MeasurementGuidance):
     def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
         whole = torch.ones(1, 1, *image.shape[-2:], dtype=probs.dtype, device=probs.device)
-        areas = variable_areas(probs, whole, inputs.pixel_area_mm2)  # (B, S) mm^2
+        areas = variable_areas(probs, whole, inputs.pixel_area_mm2, inputs.schema.labels)  # (B, S) mm^2
         return self._normalise(areas, inputs)
 
     def target(self, parents: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:

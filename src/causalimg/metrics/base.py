@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from einops import repeat
 
-from causalimg.core.regions import variable_areas
+from causalimg.core.schema import VariableSchema
 from causalimg.core.transform import VariableTransform
 
 Do = Mapping[str, torch.Tensor]  # variable -> (B,) targets in data units
@@ -71,20 +71,26 @@ class TrueCounterfactual(Protocol):
 
 @dataclass(frozen=True)
 class EvalInfo:
-    """What metrics need to name things.
+    """What metrics need to name things: the data's schema.
 
-    variables: the structure x region area variables (``core.variables.variable_names``), the ones
-               intervened on and measured; columns: their positions in the parents tensor, which
-               may hold other variables too (a phantom with an ``age`` root). Empty: 0, 1, 2, ...
+    The area variables (``schema.area_names``) are the ones intervened on and measured; the parents
+    tensor may hold other variables too (a phantom with an ``age`` root), so metrics read the area
+    columns through ``parent_columns``.
     """
 
-    variables: tuple[str, ...]
-    region_names: tuple[str, ...]
-    columns: tuple[int, ...] = ()
+    schema: VariableSchema
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return self.schema.area_names
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return self.schema.regions
 
     @property
     def parent_columns(self) -> list[int]:
-        return list(self.columns) if self.columns else list(range(len(self.variables)))
+        return list(self.schema.area_columns)
 
 
 @dataclass
@@ -115,7 +121,7 @@ class EvalContext:
         regions = self.regions
         if regions.shape[0] not in (1, images.shape[0]):
             regions = repeat(regions, "b k h w -> (b r) k h w", r=images.shape[0] // regions.shape[0])
-        return variable_areas(self.segment(images), regions, self.pixel_area_mm2)
+        return self.info.schema.measure(self.segment(images), regions, self.pixel_area_mm2)
 
     def sweep(self, model: CounterfactualModel, batch: Mapping[str, Any]) -> Sweep:
         """do(v := target) for each variable v in turn, computed once per batch and shared."""
@@ -200,7 +206,7 @@ def mean_ci(values: torch.Tensor) -> dict[str, float]:
 
 
 def region_of(variable_index: int, num_regions: int) -> int:
-    """Variables are structure-major (``core.variables.variable_names``): v -> its region index."""
+    """Area variables are structure-major (``VariableSchema.areas``): v -> its region index."""
     return variable_index % num_regions
 
 

@@ -24,7 +24,6 @@ from einops import reduce
 
 import causalimg
 from causalimg.config.base import StrictModel
-from causalimg.core.regions import variable_areas
 from causalimg.metrics.base import CounterfactualModel, EvalContext, EvalInfo, Rows, mean_ci, region_of, to_255
 from causalimg.metrics.effectiveness import error_summary
 from causalimg.plugins.specs import MetricSpec
@@ -65,7 +64,7 @@ class GroundTruth:
             x_cf = sweep.cf_images[:, v]  # (B, 1, H, W)
             true_image, true_masks = true_image.to(x_cf), true_masks.to(x_cf)
             unreachable.append(~torch.isfinite(true_image).flatten(1).all(1))  # (B,)
-            true_areas = variable_areas(true_masks, context.regions, context.pixel_area_mm2)  # (B, P)
+            true_areas = context.info.schema.measure(true_masks, context.regions, context.pixel_area_mm2)  # (B, V)
             area_error.append((context.measure(x_cf) - true_areas).abs())
             floor.append((context.measure(true_image.nan_to_num()) - true_areas).abs())  # NaN rows stay NaN
             inside = regions[:, region_of(v, k)].unsqueeze(1).to(x_cf)  # (B, 1, H, W)

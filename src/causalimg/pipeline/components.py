@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from causalimg.core.data import DataSource
+from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM, SCM
 from causalimg.core.transform import VariableTransform
 from causalimg.errors import DataError
@@ -21,9 +22,9 @@ from causalimg.plugins.manager import Registry
 from causalimg.predictors.frozen import load_frozen
 from causalimg.predictors.regressor import RegressorConfig, build_regressor
 from causalimg.predictors.unet import SegmentorConfig, UNet
-from causalimg.training.checkpoint import load_tensors
 
 TRANSFORM_FILE = "transform.json"
+SCHEMA_FILE = "schema.json"  # the data's VariableSchema, written by the data stage
 WEIGHTS_FILE = "weights.safetensors"  # what training.loop.fit writes into its folder
 
 
@@ -52,51 +53,35 @@ def load_transform(data_dir: Path) -> VariableTransform:
 def attribute_mechanisms(config: Any, registry: Registry, source: DataSource) -> nn.ModuleDict:
     """One attribute mechanism per variable, conditioned on its parents in the data's graph."""
     spec = registry.get("attribute_mechanism", config.flows.name)
-    graph = {v: tuple(source.graph.get(v, ())) for v in source.variables}
-    return nn.ModuleDict({v: spec.factory(config.flows, num_context=len(graph[v])) for v in source.variables})
+    graph = source.schema.graph
+    return nn.ModuleDict({v: spec.factory(config.flows, num_context=len(graph[v])) for v in graph})
 
 
 def image_mechanism(config: Any, registry: Registry, source: DataSource) -> nn.Module:
     spec = registry.get("image_mechanism", config.image_mechanism.name)
     return spec.factory(
-        config.image_mechanism, image_shape=tuple(source.image_shape), num_parents=len(source.variables)
+        config.image_mechanism, image_shape=tuple(source.image_shape), num_parents=len(source.schema.names)
     )
 
 
 def dscm(config: Any, registry: Registry, source: DataSource, transform: VariableTransform) -> DSCM:
     """An untrained DSCM over the data's graph; load weights with ``load_module``."""
-    graph = {v: tuple(source.graph.get(v, ())) for v in source.variables}
+    graph = source.schema.graph
     return DSCM(
         SCM(graph), attribute_mechanisms(config, registry, source), image_mechanism(config, registry, source), transform
     )
 
 
-def load_module(module: nn.Module, path: Path, prefix: str = "") -> nn.Module:
-    """Load safetensors weights strictly, optionally only the keys under ``prefix`` (stripped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"weights {str(path)!r} do not exist; was the stage that writes them interrupted?")
-    state = {k: v for k, v in load_tensors(path).items() if isinstance(v, torch.Tensor)}  # refuses pickles
-    if prefix:
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(
-            f"weights {str(path)!r} do not fit {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return module
-
-
-def segmentor(config: Any) -> UNet:
-    return UNet(SegmentorConfig(widths=config.predictors.segmentor.widths))
+def segmentor(config: Any, schema: VariableSchema) -> UNet:
+    return UNet(SegmentorConfig(widths=config.predictors.segmentor.widths), num_classes=schema.num_classes)
 
 
 def regressor(config: Any, num_outputs: int) -> nn.Module:
     return build_regressor(RegressorConfig(arch=config.predictors.regressor.model), num_outputs)
 
 
-def frozen_segmentor(config: Any, stage_dir: Path) -> UNet:
-    return load_frozen(segmentor(config), Path(stage_dir) / WEIGHTS_FILE)
+def frozen_segmentor(config: Any, schema: VariableSchema, stage_dir: Path) -> UNet:
+    return load_frozen(segmentor(config, schema), Path(stage_dir) / WEIGHTS_FILE)
 
 
 def frozen_regressor(config: Any, stage_dir: Path, num_outputs: int) -> nn.Module:

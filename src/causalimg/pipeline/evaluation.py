@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
 from causalimg.config.sections import TrainConfig
-from causalimg.core.variables import CALCIFIED, STRUCTURES, display_name, variable_name, variable_names
+from causalimg.core.schema import VariableSchema
 from causalimg.errors import InterventionError
+from causalimg.io import atomic_path, atomic_write_json
 from causalimg.metrics.base import (
     DSCMCounterfactuals,
     EvalContext,
@@ -27,15 +28,14 @@ from causalimg.metrics.base import (
     collect_rows,
     summarise,
 )
-from causalimg.pipeline.stage import StageContext, atomic_path, atomic_write_json
+from causalimg.pipeline.stage import StageContext
 from causalimg.training.accelerator import make_accelerator
 
 METRICS_FILE = "metrics.json"
 FIGURE_FILE = "figure.safetensors"
 ROWS_FILE = "rows.safetensors"  # every metric's per-image rows, "<metric>/<column>", and "index"
 EVALUATION_OUTPUTS = (METRICS_FILE, FIGURE_FILE, ROWS_FILE)  # in the stage's hash: a version writing more redoes it
-FIGURE_CHANGE_MM2 = 20.0  # Figure 1: do(CPA-region := CPA-region + 20 mm^2), clipped to the support
-FIGURE_STRUCTURE = next(s for s in STRUCTURES if s.label == CALCIFIED)
+FIGURE_CHANGE_MM2 = 20.0  # Figure 1: do(S-region := S-region + 20 mm^2), clipped to the support
 
 
 def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
@@ -75,16 +75,17 @@ def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
 
 
 def figure_images(
-    dscm: Any, batch: Mapping[str, torch.Tensor], region_names: tuple[str, ...], temperature: float
+    dscm: Any, batch: Mapping[str, torch.Tensor], schema: VariableSchema, temperature: float
 ) -> dict[str, torch.Tensor]:
-    """Counterfactuals of one test image, +20 mm^2 calcified plaque in each region in turn.
+    """Counterfactuals of one test image, +20 mm^2 of the first structure in each region in turn.
 
     The image is the one of the batch with the most room for the change in its tightest region, so
     the clipping to the support shrinks the change as little as possible (the same image for every
     strategy, since the choice depends on the data only).
     """
     transform = dscm.transform
-    columns = [transform.index(variable_name(FIGURE_STRUCTURE, r)) for r in region_names]
+    structure = schema.structures[0].name
+    columns = [transform.index(schema.area_name(structure, r)) for r in schema.regions]
     pa = batch["parents"]
     room = (transform.high[columns].to(pa) - pa[:, columns]).clamp(max=FIGURE_CHANGE_MM2).min(1).values  # (B,)
     i = int(room.argmax())
@@ -105,10 +106,11 @@ def figure_images(
     }
 
 
-def figure_titles(figure: Mapping[str, torch.Tensor], region_names: tuple[str, ...]) -> list[str]:
+def figure_titles(figure: Mapping[str, torch.Tensor], schema: VariableSchema) -> list[str]:
+    structure = schema.structures[0].name
     return [
-        f"do({display_name(variable_name(FIGURE_STRUCTURE, r))}: {float(a):.1f} -> {float(b):.1f})"
-        for r, a, b in zip(region_names, figure["factual_values"], figure["targets"])
+        f"do({schema.display(schema.area_name(structure, r))}: {float(a):.1f} -> {float(b):.1f})"
+        for r, a, b in zip(schema.regions, figure["factual_values"], figure["targets"])
     ]
 
 
@@ -130,8 +132,7 @@ def evaluate_strategy(
     n = min(config.evaluate.num_images, len(test))
     loader = DataLoader(Subset(test, range(n)), batch_size=config.finetune.train.batch_size)
     loader = accelerator.prepare_data_loader(loader)
-    areas = variable_names(tuple(source.region_names))  # what is intervened on and measured
-    info = EvalInfo(areas, tuple(source.region_names), tuple(dscm.transform.index(n) for n in areas))
+    info = EvalInfo(source.schema)  # the area variables are intervened on and measured
     metrics = {m.name: registry.get("metric", m.name).factory(m) for m in config.evaluate.metrics}
     truth = true_counterfactual(source, "test")
     pixel_area = float(source.spacing_mm) ** 2
@@ -164,7 +165,7 @@ def evaluate_strategy(
         first = next(iter(DataLoader(Subset(test, range(min(n, 32))), batch_size=32)))
         first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
         with torch.no_grad():
-            figure = figure_images(dscm, first, info.region_names, config.finetune.temperature)
+            figure = figure_images(dscm, first, source.schema, config.finetune.temperature)
         with atomic_path(ctx.dir / FIGURE_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in figure.items()}, str(tmp))
     accelerator.wait_for_everyone()

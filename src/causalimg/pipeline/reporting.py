@@ -15,9 +15,11 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from causalimg.core.variables import variable_names
+from causalimg.core.schema import VariableSchema
+from causalimg.io import atomic_write_json, atomic_write_text, read_json
+from causalimg.pipeline.components import SCHEMA_FILE
 from causalimg.pipeline.evaluation import FIGURE_FILE, METRICS_FILE, ROWS_FILE, figure_titles
-from causalimg.pipeline.stage import DONE, ProcessGroup, atomic_write_json, atomic_write_text, read_json
+from causalimg.pipeline.stage import DONE, ProcessGroup
 from causalimg.report.figures import error_bars, figure1
 from causalimg.report.html import write_report
 from causalimg.report.paired import paired_differences, paired_table, paper_order_findings
@@ -81,9 +83,9 @@ def write_run_report(
 ) -> dict[str, Any]:
     """Write every report file (main process) and return the headline numbers per strategy."""
     results = {label: read_json(run_dir / "evaluate" / label / METRICS_FILE)["metrics"] for label in labels}
-    data = read_json(run_dir / "data" / DONE)["summary"]
-    regions = tuple(data["region_names"])
-    variables = variable_names(regions)  # the intervened and measured area variables
+    schema = VariableSchema.from_json((run_dir / "data" / SCHEMA_FILE).read_text())
+    regions = schema.regions
+    variables = schema.area_names  # the intervened and measured area variables
     tables: list[tuple[str, Table]] = []
     for name, metric, title in (
         ("table1", "effectiveness", "Table 1: effectiveness by the evaluation segmentor (mm^2)"),
@@ -97,7 +99,7 @@ def write_run_report(
             label: r[metric] for label, r in results.items() if isinstance(r.get(metric), dict) and "cells" in r[metric]
         }
         if scored:
-            tables.append((name, intervention_table(scored, variables, regions, title)))
+            tables.append((name, intervention_table(scored, schema, title)))
     tables.append(("summary", summary_table(results)))
     rows = {label: load_file(str(run_dir / "evaluate" / label / ROWS_FILE)) for label in labels}
     differences = paired_differences(rows, len(regions))
@@ -121,7 +123,7 @@ def write_run_report(
         if all(path.is_file() for path in shown.values()):
             loaded = {label: load_file(str(path)) for label, path in shown.items()}
             first = next(iter(loaded.values()))
-            titles = figure_titles(first, regions)
+            titles = figure_titles(first, schema)
             cfs = {label: list(f["counterfactuals"]) for label, f in loaded.items()}
             figures.append((figure1(first["factual"], cfs, first["regions"], regions, titles, out / "figure1.png"),
                             "Figure 1: +20 mm^2 calcified plaque per region (clipped to the support); x~ and x~ - x"))  # fmt: skip

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from causalimg.errors import ConfigError
+from causalimg.io import atomic_write_json, read_json
 
 DONE = "done.json"
 STARTED = "started.json"
@@ -65,48 +63,6 @@ def config_hash(config: Any, upstream: Mapping[str, str]) -> str:
     """sha256 of the stage's config and its upstream stages' hashes."""
     payload = canonical_json({"config": config, "upstream": dict(upstream)})
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
-
-    For writers that want a file name (``safetensors.torch.save_file``, ``savefig``). If the body
-    raises, the temporary file is removed and ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(handle)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=True) + "\n")
-
-
-def read_json(path: Path) -> Any | None:
-    """The parsed file, or None when it is missing or not valid JSON (a torn or foreign file)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass

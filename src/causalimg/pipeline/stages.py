@@ -25,18 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from causalimg.config.loader import dump_config
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidancePredictors
 from causalimg.core.transform import VariableTransform
+from causalimg.io import atomic_path, atomic_write_text, load_module, save_tensors
 from causalimg.pipeline import components as build
 from causalimg.pipeline.evaluation import EVALUATION_OUTPUTS, evaluate_strategy
 from causalimg.pipeline.pretrain_check import check_pretrained
 from causalimg.pipeline.reporting import write_run_report
-from causalimg.pipeline.stage import Stage, StageContext, atomic_path, run_stages
+from causalimg.pipeline.stage import Stage, StageContext, run_stages
 from causalimg.plugins.manager import Registry
 from causalimg.predictors.regressor import evaluate_mae, regressor_objective
 from causalimg.predictors.unet import evaluate_dice, segmentor_objective
@@ -132,13 +132,14 @@ class Pipeline:
         source = self.main_first(generate)
         sizes = {split: len(source.split(split)) for split in SPLITS}
         if self.accelerator.is_main_process:
-            transform = VariableTransform.fit(tuple(source.variables), build.split_parents(source.split("train")))
+            transform = VariableTransform.fit(source.schema.names, build.split_parents(source.split("train")))
             with atomic_path(ctx.dir / build.TRANSFORM_FILE) as tmp:
                 transform.save(tmp)
+            atomic_write_text(ctx.dir / build.SCHEMA_FILE, source.schema.to_json())
         return {
             "sizes": sizes,
-            "variables": list(source.variables),
-            "region_names": list(source.region_names),
+            "variables": list(source.schema.names),
+            "region_names": list(source.schema.regions),
             "image_shape": list(source.image_shape),
             "spacing_mm": float(source.spacing_mm),
         }
@@ -166,12 +167,14 @@ class Pipeline:
         train_split = source.split("train")
         seed = self.seed + SEED[which]
         half = Subset(train_split, segmentor_half(len(train_split), which, self.seed))
-        model = build.segmentor(self.config)
+        model = build.segmentor(self.config, source.schema)
         summary = self.train(
             model, lambda m, b, s: segmentor_objective(m, b), half, self.config.predictors.segmentor.train, ctx, seed
         )
         summary["train_images"] = len(half)
-        summary["test_dice"] = evaluate_dice(model, DataLoader(source.split("test"), batch_size=64))
+        summary["test_dice"] = evaluate_dice(
+            model, DataLoader(source.split("test"), batch_size=64), source.schema.classes
+        )
         return summary
 
     def regressor(self, ctx: StageContext) -> dict:
@@ -210,20 +213,20 @@ class Pipeline:
         terms = self.config.finetune.strategies[label]
         source, transform = self.source(), self.transform()
         dscm = build.dscm(self.config, self.registry, source, transform)
-        build.load_module(dscm.attributes, ctx.inputs["flows"] / build.WEIGHTS_FILE)
-        build.load_module(dscm.image, ctx.inputs["pretrain"] / build.WEIGHTS_FILE)
+        load_module(dscm.attributes, ctx.inputs["flows"] / build.WEIGHTS_FILE)
+        load_module(dscm.image, ctx.inputs["pretrain"] / build.WEIGHTS_FILE)
         if not terms:  # No-CFT, the paper's baseline: the pretrained DSCM as it is
             self.save_dscm(dscm, ctx)
             return {"finetuned": False, "terms": []}
         predictors = GuidancePredictors(  # the evaluation segmentor is deliberately not loaded here
-            segmentor=build.frozen_segmentor(self.config, ctx.inputs["predictors/guidance-segmentor"]),
+            segmentor=build.frozen_segmentor(self.config, source.schema, ctx.inputs["predictors/guidance-segmentor"]),
             regressor=build.frozen_regressor(self.config, ctx.inputs["predictors/regressor"], len(transform.names)),
         )
         strategies = build_strategies(terms, self.registry, predictors)
         fc, train_split = self.config.finetune, source.split("train")
         eps = measure_nelbo(dscm, DataLoader(train_split, batch_size=fc.train.batch_size), max_batches=8)
         cft = CounterfactualFineTuning(
-            dscm, strategies, region_names=tuple(source.region_names), pixel_area_mm2=float(source.spacing_mm) ** 2,
+            dscm, strategies, schema=source.schema, pixel_area_mm2=float(source.spacing_mm) ** 2,
             eps=eps, constraint=fc.constraint.kind, lagrange_lr=fc.constraint.lagrange_lr, damping=fc.constraint.damping,
             nelbo_weight=fc.constraint.weight, temperature=fc.temperature,
             interventions_per_step=fc.interventions_per_step, trainable=fc.trainable,
@@ -245,16 +248,17 @@ class Pipeline:
     def save_dscm(self, dscm, ctx: StageContext) -> None:
         """The whole DSCM (flows + image mechanism): what the evaluate stage loads."""
         if self.accelerator.is_main_process:
-            with atomic_path(ctx.dir / DSCM_WEIGHTS) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in dscm.state_dict().items()}, str(tmp))
+            save_tensors(ctx.dir / DSCM_WEIGHTS, dscm.state_dict())
         self.accelerator.wait_for_everyone()
 
     def evaluate(self, ctx: StageContext) -> dict:
         label = ctx.name.split("/", 1)[1]
         source, transform = self.source(), self.transform()
         dscm = build.dscm(self.config, self.registry, source, transform)
-        build.load_module(dscm, ctx.inputs[f"finetune/{label}"] / DSCM_WEIGHTS)
-        evaluation_segmentor = build.frozen_segmentor(self.config, ctx.inputs["predictors/evaluation-segmentor"])
+        load_module(dscm, ctx.inputs[f"finetune/{label}"] / DSCM_WEIGHTS)
+        evaluation_segmentor = build.frozen_segmentor(
+            self.config, source.schema, ctx.inputs["predictors/evaluation-segmentor"]
+        )
         return evaluate_strategy(dscm, evaluation_segmentor, source, self.config, self.registry, ctx, seed=self.seed)
 
     def report(self, ctx: StageContext) -> dict:

@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from causalimg.errors import DataError
+from causalimg.io import load_module
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -25,39 +23,8 @@ def freeze(module: M) -> M:
     return module
 
 
-def save_weights(module: nn.Module, path: Path) -> None:
-    """Write the module's state (parameters and buffers) as safetensors, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(path)
-
-
-def load_weights(module: M, path: Path) -> M:
-    """Load safetensors weights into ``module`` strictly; a missing or mismatched file is a DataError."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise DataError(f"predictor weights {str(path)!r} must be a .safetensors file (pickles are refused)")
-    if not path.is_file():
-        raise DataError(f"predictor weights {str(path)!r} do not exist")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise DataError(f"predictor weights {str(path)!r} are not a readable safetensors file: {err}") from err
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a tensor of the wrong shape
-        raise DataError(f"predictor weights {str(path)!r} do not fit {type(module).__name__}: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise DataError(
-            f"predictor weights {str(path)!r} do not fit {type(module).__name__}: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    return module
-
-
 def load_frozen(module: M, path: Path) -> M:
-    """``freeze(load_weights(module, path))``: how fine-tuning and evaluation get their predictors."""
-    return freeze(load_weights(module, path))
+    """The module with the weights of ``path`` (safetensors only, strictly), frozen: how fine-tuning
+    and evaluation get their predictors."""
+    load_module(module, path)
+    return freeze(module)

@@ -1,4 +1,4 @@
-"""A small U-Net segmentor for background, lumen, calcified and non-calcified plaque.
+"""A small U-Net segmentor for the data set's classes (``VariableSchema.classes``).
 
 Used twice with different seeds and data halves: one copy guides fine-tuning (Seg-CFT,
 Pos-Seg-CFT), the other only evaluates counterfactuals, so the evaluation is not scored by the
@@ -7,7 +7,7 @@ model the generator was trained to please. Trained with cross-entropy + soft Dic
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,6 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from causalimg.config.base import StrictModel
-from causalimg.core.variables import CLASS_NAMES, NUM_CLASSES
 from causalimg.errors import ConfigError
 
 
@@ -58,12 +57,12 @@ def _stack(c_in: int, c_out: int, blocks: int, dropout: float) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """(B, 1, H, W) image in [-1, 1] -> (B, NUM_CLASSES, H, W) logits.
+    """(B, 1, H, W) image in [-1, 1] -> (B, num_classes, H, W) logits.
 
     Works for any H x W divisible by ``2 ** (len(widths) - 1)``, square or not.
     """
 
-    def __init__(self, config: SegmentorConfig | None = None, num_classes: int = NUM_CLASSES):
+    def __init__(self, config: SegmentorConfig | None = None, *, num_classes: int):
         super().__init__()
         self.config = config = config or SegmentorConfig()
         widths = config.widths
@@ -138,20 +137,22 @@ def segmentor_objective(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def evaluate_dice(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+def evaluate_dice(
+    model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], classes: Sequence[str]
+) -> dict[str, float]:
     """Hard (argmax) Dice per class over a whole split, pooled over pixels of all images."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    inter = torch.zeros(NUM_CLASSES, dtype=torch.float64, device=device)
+    inter = torch.zeros(len(classes), dtype=torch.float64, device=device)
     total = torch.zeros_like(inter)
     for batch in loader:
         pred = model(batch["image"].to(device)).argmax(dim=1)  # (B, H, W)
         labels = batch["labels"].to(device)
-        for c in range(NUM_CLASSES):
+        for c in range(len(classes)):
             p, t = pred == c, labels == c
             inter[c] += (p & t).sum()
             total[c] += p.sum() + t.sum()
     model.train(was_training)
     dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-    return {name: float(d) for name, d in zip(CLASS_NAMES, dice)}
+    return {name: float(d) for name, d in zip(classes, dice)}

@@ -17,15 +17,16 @@ from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 
 from causalimg.core.data import DataSource, Split
-from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, display_name
 
-COLOURS = {LUMEN: "tab:red", NONCALCIFIED: "gold", CALCIFIED: "cyan"}
-NAMES = {LUMEN: "lumen", NONCALCIFIED: "non-calcified plaque", CALCIFIED: "calcified plaque"}
+PALETTE = ("cyan", "gold", "tab:red", "lime", "magenta", "tab:orange", "tab:blue", "white")  # one per structure
 
 
 def render_contact_sheet(source: DataSource, split: Split, n: int, path: Path | str) -> Path:
     """Write a PNG of the first ``n`` samples of ``split`` (image above, image + masks below)."""
     data = source.split(split)
+    schema = source.schema
+    colours = {s.label: PALETTE[i % len(PALETTE)] for i, s in enumerate(schema.structures)}
+    titles = {s.label: s.title or s.name for s in schema.structures}
     n = min(n, len(data))
     h, w = source.image_shape
     extent = (0.0, w * source.spacing_mm, h * source.spacing_mm, 0.0)  # mm: x along, y across
@@ -44,7 +45,7 @@ def render_contact_sheet(source: DataSource, split: Split, n: int, path: Path | 
             ax.tick_params(labelsize=6)
         labels = masks.argmax(0)
         tint = np.zeros((h, w, 4))
-        for cls, colour in COLOURS.items():
+        for cls, colour in colours.items():
             tint[labels == cls] = to_rgba(colour, 0.35)
             if masks[cls].max() >= 0.5:
                 overlay.contour(
@@ -55,10 +56,10 @@ def render_contact_sheet(source: DataSource, split: Split, n: int, path: Path | 
             if 0 < region.sum() < region.size:
                 overlay.contour(region, levels=[0.5], colors="white", linestyles="--", linewidths=0.8,
                                 extent=extent, origin="upper")  # fmt: skip
-        values = ", ".join(f"{display_name(v)} {float(p):.0f}" for v, p in zip(source.variables, item["parents"]))
+        values = ", ".join(f"{schema.display(v)} {float(p):.0f}" for v, p in zip(schema.names, item["parents"]))
         plain.set_title(f"{split} #{i}: {values}", fontsize=6.5, loc="left")
     axes[-1, 0].set_xlabel("mm along the vessel (proximal left)", fontsize=7)
-    handles = [Line2D([], [], color=c, lw=2, label=NAMES[k]) for k, c in COLOURS.items()]
+    handles = [Line2D([], [], color=c, lw=2, label=titles[k]) for k, c in colours.items()]
     handles.append(Line2D([], [], color="white", ls="--", label="region boundary"))
     legend = fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=True, facecolor="0.3")
     for text in legend.get_texts():

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from causalimg.pipeline.stage import atomic_path
+from causalimg.io import atomic_path
 
 
 def _boundaries(ax, regions: np.ndarray) -> None:

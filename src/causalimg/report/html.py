@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from causalimg.pipeline.stage import atomic_write_text
+from causalimg.io import atomic_write_text
 from causalimg.report.tables import Table
 
 STYLE = """

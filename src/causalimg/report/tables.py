@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from causalimg.core.variables import display_name
+from causalimg.core.schema import VariableSchema
 
 INTERVENED_MARK = "†"
 
@@ -96,22 +96,17 @@ class Table:
         )
 
 
-def intervention_table(
-    summaries: Mapping[str, Mapping[str, Any]],
-    variables: Sequence[str],
-    region_names: Sequence[str],
-    title: str,
-) -> Table:
+def intervention_table(summaries: Mapping[str, Mapping[str, Any]], schema: VariableSchema, title: str) -> Table:
     """Table 1 from per-strategy ``effectiveness`` (or ``ground-truth``) summaries.
 
     summaries: strategy label -> summary with ``cells[do][measured] = {"mean", "ci95"}``; strategies
     keep the given order inside every block.
     """
-    k = len(region_names)
+    variables, k = schema.area_names, len(schema.regions)
     table = Table(
         title,
         ("intervention", "strategy"),
-        tuple(region_names),
+        schema.regions,
         note=f"Mean absolute error (mm^2) of the intervened structure per region; {INTERVENED_MARK} intervened "
         "region; bold: lowest in its column within the intervention.",
     )
@@ -128,7 +123,7 @@ def intervention_table(
                 )
                 for j in range(k)
             ]
-            block.append(((f"do({display_name(do)})", label), cells))
+            block.append(((f"do({schema.display(do)})", label), cells))
         for j in range(k):
             values = [cells[j].value for _, cells in block if not math.isnan(cells[j].value)]
             if values:
@@ -212,7 +207,7 @@ def _number(value: Any) -> float:
 PAPER_LABELS: dict[str, str] = {"No-CFT": "none", "Reg-CFT": "regressor", "Pos-Seg-CFT": "positional-segmentor"}
 
 
-def paper_comparison(paper_csv: str, summaries: Mapping[str, Mapping[str, Any]], variables: Sequence[str]) -> Table:
+def paper_comparison(paper_csv: str, summaries: Mapping[str, Mapping[str, Any]], schema: VariableSchema) -> Table:
     """Our intervened-region errors beside the paper's, as ratios to No-CFT (absolute values differ:
     the paper's data is private CCTA).
 
@@ -231,9 +226,9 @@ def paper_comparison(paper_csv: str, summaries: Mapping[str, Mapping[str, Any]],
         note="Ratios of the intervened-region error to No-CFT's (lower is better); the paper's values are from "
         "its Table 1 on private CCTA data, ours from the evaluation segmentor on the phantom.",
     )
-    for do in variables:
-        name = f"do({display_name(do)})"
-        region = do.partition("_")[2]
+    for do in schema.area_names:
+        name = f"do({schema.display(do)})"
+        region = schema.variable(do).region
         ours = {
             label: summaries[label]["cells"][do][do]["mean"]
             for label in ("none", "regressor", "positional-segmentor")

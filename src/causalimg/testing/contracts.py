@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from causalimg.core.data import DataSource
-from causalimg.core.regions import Partitioner, variable_areas
-from causalimg.core.variables import NUM_CLASSES, variable_names
+from causalimg.core.regions import Partitioner
 
 
 def check_partitioner(
@@ -42,17 +41,11 @@ def check_partitioner(
 
 def check_data_source(source: DataSource, split: str = "train", n: int = 4) -> None:
     """Items of ``source.split(split)`` have the documented keys, shapes, dtypes and ranges, and their
-    area parents equal ``variable_areas(masks, regions)``."""
+    area parents equal ``schema.measure(masks, regions)``."""
     assert isinstance(source, DataSource), f"{type(source).__name__} does not implement DataSource"
+    schema = source.schema
     h, w = source.image_shape
-    k = len(source.region_names)
-    areas = variable_names(tuple(source.region_names))
-    missing = [v for v in areas if v not in source.variables]
-    assert not missing, f"variables {source.variables} lack the area variables {missing}"
-    assert set(source.graph) == set(source.variables), "graph must list every variable (roots map to ())"
-    for child, parents in source.graph.items():
-        unknown = [p for p in parents if p not in source.variables]
-        assert not unknown, f"graph parents {unknown} of {child!r} are not variables"
+    k, c = len(schema.regions), schema.num_classes
     data = source.split(split)  # type: ignore[arg-type]
     assert len(data) > 0, f"split {split!r} is empty"
     for i in range(min(n, len(data))):
@@ -64,21 +57,21 @@ def check_data_source(source: DataSource, split: str = "train", n: int = 4) -> N
         assert bool(torch.isfinite(img).all()) and img.min() >= -1 and img.max() <= 1, (
             "image must be finite, in [-1, 1]"
         )
-        assert masks.shape == (NUM_CLASSES, h, w) and masks.dtype == torch.float32, f"masks {tuple(masks.shape)}"
+        assert masks.shape == (c, h, w) and masks.dtype == torch.float32, f"masks {tuple(masks.shape)} != {(c, h, w)}"
         assert bool((masks >= 0).all()) and torch.allclose(masks.sum(0), torch.ones(h, w), atol=1e-5), (
             "masks must be fractions summing to 1 per pixel"
         )
         assert labels.shape == (h, w) and labels.dtype == torch.int64, f"labels {tuple(labels.shape)} {labels.dtype}"
-        assert bool((labels >= 0).all() and (labels < NUM_CLASSES).all()), "labels outside 0..NUM_CLASSES-1"
-        assert parents.shape == (len(source.variables),) and parents.dtype == torch.float32, (
+        assert bool((labels >= 0).all() and (labels < c).all()), f"labels outside 0..{c - 1}"
+        assert parents.shape == (len(schema.names),) and parents.dtype == torch.float32, (
             f"parents {tuple(parents.shape)} {parents.dtype}"
         )
         assert regions.shape == (k, h, w), f"regions {tuple(regions.shape)} != {(k, h, w)}"
         assert int(item["index"]) == i, f"item {i} has index {int(item['index'])}"
-        measured = variable_areas(masks[None], regions[None], source.spacing_mm**2)[0]
-        given = parents[[source.variables.index(v) for v in areas]]
+        measured = schema.measure(masks[None], regions[None], source.spacing_mm**2)[0]
+        given = parents[list(schema.area_columns)]
         assert torch.allclose(given, measured, rtol=1e-5, atol=1e-4), (
-            f"item {i}: parents {given.tolist()} != variable_areas(masks, regions) {measured.tolist()}"
+            f"item {i}: parents {given.tolist()} != schema.measure(masks, regions) {measured.tolist()}"
         )
 
 

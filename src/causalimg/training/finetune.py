@@ -34,15 +34,15 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 
+from causalimg import io
 from causalimg.config.base import StrictModel
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
+from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
-from causalimg.core.variables import variable_names
 from causalimg.errors import ConfigError, DataError
 from causalimg.plugins.manager import Registry
 from causalimg.predictors.frozen import freeze
-from causalimg.training import checkpoint as ckpt
 from causalimg.training.loop import SUMMARY_FILE, WEIGHTS_FILE, TrainResult, fit
 
 
@@ -153,7 +153,7 @@ class CounterfactualFineTuning(nn.Module):
         dscm: DSCM,
         strategies: Sequence[GuidanceStrategy],
         *,
-        region_names: tuple[str, ...],
+        schema: VariableSchema,
         pixel_area_mm2: float,
         eps: float,
         regions: torch.Tensor | None = None,
@@ -171,13 +171,14 @@ class CounterfactualFineTuning(nn.Module):
         self.multiplier = LagrangeMultiplier(lagrange_lr, damping)
         self.trainable = select_trainable(dscm, trainable)
         self.fixed_regions = None if regions is None else regions.float()
-        self.region_names = tuple(region_names)
+        self.schema = schema
         self.pixel_area_mm2, self.eps, self.constraint = float(pixel_area_mm2), float(eps), constraint
         self.nelbo_weight, self.temperature = nelbo_weight, temperature
-        names = dscm.transform.names
-        self.area_columns = [names.index(n) for n in variable_names(self.region_names) if n in names]
-        if not self.area_columns:
-            raise ConfigError(f"no area variable of regions {list(self.region_names)} among the data's {list(names)}")
+        if tuple(dscm.transform.names) != schema.names:
+            raise ConfigError(
+                f"the DSCM's variables {list(dscm.transform.names)} are not the data's {list(schema.names)}"
+            )
+        self.area_columns = list(schema.area_columns)
         if interventions_per_step > len(self.area_columns):
             raise ConfigError(
                 f"finetune.interventions_per_step={interventions_per_step} exceeds the "
@@ -231,7 +232,7 @@ class CounterfactualFineTuning(nn.Module):
         inputs = GuidanceInputs(
             cf_image=cf_image, cf_parents=cf_parents, image=x, parents=pa, intervened=intervened,
             regions=self._regions(batch), pixel_area_mm2=self.pixel_area_mm2, transform=dscm.transform,
-            region_names=self.region_names,
+            schema=self.schema,
         )  # fmt: skip
         terms: dict[str, torch.Tensor] = {}
         for strategy in self.strategies:
@@ -286,8 +287,8 @@ def finetune_dscm(
         summary = {"desc": desc, "steps": 0, "no_cft": True, "weights": WEIGHTS_FILE,
                    "note": "No-CFT: the pretrained DSCM, unchanged"}  # fmt: skip
         if accelerator.is_main_process:
-            ckpt.atomic_save_tensors(out_dir / WEIGHTS_FILE, cft.dscm.state_dict())
-            ckpt.atomic_write_json(out_dir / SUMMARY_FILE, summary)
+            io.save_tensors(out_dir / WEIGHTS_FILE, cft.dscm.state_dict())
+            io.atomic_write_json(out_dir / SUMMARY_FILE, summary)
         accelerator.wait_for_everyone()
         return TrainResult(weights=out_dir / WEIGHTS_FILE, summary=summary)
     cft.train()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from causalimg import io
 from causalimg.config.sections import TrainConfig
 from causalimg.errors import CausalImgError, DataError, TrainingError
 from causalimg.training import checkpoint as ckpt
@@ -230,10 +231,10 @@ class _Trainer:
         _agree(self.acc, error, f"{self.desc}: writing checkpoint {final}")
         if self.acc.is_main_process:
             try:
-                ckpt.atomic_save_tensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
-                ckpt.atomic_save_tensors(tmp / ckpt.EMA_FILE, self.ema.state_dict())
+                io.save_tensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
+                io.save_tensors(tmp / ckpt.EMA_FILE, self.ema.state_dict())
                 for i, obj in enumerate(self.extra_state):
-                    ckpt.atomic_save_tensors(tmp / f"extra_{i}.safetensors", obj.state_dict())
+                    io.save_tensors(tmp / f"extra_{i}.safetensors", obj.state_dict())
                 ckpt.write_state(tmp, self._state(session_s))
                 ckpt.publish(tmp, final, self.config.keep_checkpoints)
             except Exception as err:
@@ -267,10 +268,10 @@ class _Trainer:
             self.acc.load_state(str(path))  # optimizer: torch.load(weights_only=True)
         except Exception as err:
             raise DataError(f"{path}: optimizer state could not be read safely ({err})") from err
-        ckpt.load_weights(self.model, path / ckpt.MODEL_FILE)
-        self.ema.load_state_dict(ckpt.load_tensors(path / ckpt.EMA_FILE))
+        io.load_module(self.model, path / ckpt.MODEL_FILE)
+        self.ema.load_state_dict(io.load_tensors(path / ckpt.EMA_FILE))
         for i, obj in enumerate(self.extra_state):
-            obj.load_state_dict(ckpt.load_tensors(path / f"extra_{i}.safetensors"))
+            obj.load_state_dict(io.load_tensors(path / f"extra_{i}.safetensors"))
         self.step, self.skips, self.wall_s = int(state["step"]), dict(state["skips"]), float(state["wall_s"])
         self.recent, self.resumed_from = list(state["recent"]), self.step
         if state["world_size"] != self.acc.num_processes:
@@ -568,8 +569,8 @@ def _run(
     error = None
     if accelerator.is_main_process:
         try:
-            ckpt.atomic_save_tensors(weights, trainer.ema.shadow)
-            ckpt.atomic_write_json(out_dir / SUMMARY_FILE, summary)  # last: marks the stage complete
+            io.save_tensors(weights, trainer.ema.shadow)
+            io.atomic_write_json(out_dir / SUMMARY_FILE, summary)  # last: marks the stage complete
         except OSError as err:
             error = TrainingError(f"{desc}: could not write {weights} ({err.strerror or err})")
     _agree(accelerator, error, f"{desc}: writing {weights}")
