@@ -19,70 +19,55 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from causalimg.config.run import PredictorsSection
+from causalimg.builder import Builder
+from causalimg.config.loader import load_config
 from causalimg.core.guidance import GuidancePredictors
-from causalimg.core.regions import variable_areas
-from causalimg.core.scm import DSCM, SCM
 from causalimg.core.transform import VariableTransform
-from causalimg.core.variables import CALCIFIED, LUMEN, NONCALCIFIED, NUM_CLASSES, variable_names
-from causalimg.guidance.positional import PositionalSegmentorGuidanceConfig
-from causalimg.guidance.regressor import RegressorGuidanceConfig
-from causalimg.guidance.segmentor import SegmentorGuidanceConfig
-from causalimg.mechanisms.flows import SplineFlow
-from causalimg.mechanisms.hvae import HVAE, HVAEConfig
 from causalimg.plugins.manager import load_registry
-from causalimg.predictors.regressor import RegressorConfig, build_regressor
-from causalimg.predictors.unet import SegmentorConfig, UNet
 from causalimg.training.accelerator import tune_malloc
-from causalimg.training.finetune import CounterfactualFineTuning, build_strategies
 
 RESULTS = Path(__file__).parent / "results"
-REGIONS = ("proximal", "mid", "distal")
 STRATEGIES = {
-    "none": [],
-    "regressor": [RegressorGuidanceConfig()],
-    "segmentor": [SegmentorGuidanceConfig()],
-    "positional-segmentor": [PositionalSegmentorGuidanceConfig()],
+    "none": "[]",
+    "regressor": "[{name: regressor}]",
+    "segmentor": "[{name: segmentor}]",
+    "positional-segmentor": "[{name: positional-segmentor}]",
 }
 
 
-def scenes(n: int, h: int, w: int, spacing: float) -> dict[str, torch.Tensor]:
-    """Intensity-coded vessel scenes with plaque at random places; parents are their true areas."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.zeros(n, h, w, dtype=torch.long)
-    labels[:, h // 2 - h // 8 : h // 2 + h // 8] = LUMEN
-    for i in range(n):
-        a, b = (int(v) for v in torch.randint(0, w - w // 8, (2,), generator=g))
-        labels[i, h // 2 - h // 4 : h // 2 - h // 8, a : a + w // 8] = CALCIFIED
-        labels[i, h // 2 + h // 8 : h // 2 + h // 4, b : b + w // 8] = NONCALCIFIED
-    regions = torch.zeros(1, 3, h, w)
-    for k in range(3):
-        regions[0, k, :, k * w // 3 : (k + 1) * w // 3] = 1
-    onehot = F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
-    image = torch.tensor([-0.8, 0.8, 0.9, 0.1])[labels][:, None] + 0.05 * torch.randn(n, 1, h, w, generator=g)
-    parents = variable_areas(onehot, regions, spacing**2)
-    return {"image": image.clamp(-1, 1), "parents": parents, "regions": regions.expand(n, -1, -1, -1)}
+def builder(args: argparse.Namespace) -> Builder:
+    """The `cpu` run config at the benchmark's size, with every strategy: modules built as the pipeline builds them."""
+    registry = load_registry()
+    overrides = [
+        f"data.spacing_mm={16.0 / args.height}",
+        f"image_mechanism.preset={args.preset}",
+        "finetune.strategies={" + ", ".join(f"{k}: {v}" for k, v in STRATEGIES.items()) + "}",
+    ]
+    return Builder(load_config("cpu", overrides, registry), registry)
 
 
-def build_step(label: str, data: dict, transform: VariableTransform, args: argparse.Namespace, spacing: float):
-    """One strategy's CFT module and optimiser, as the pipeline builds them; returns step()."""
-    h, w, names = args.height, args.width, transform.names
-    predictors_cfg = PredictorsSection()
+def phantom_batch(build: Builder, n: int, root: Path) -> dict[str, torch.Tensor]:
+    """n phantom training images rendered on the fly (no cache)."""
+    data = build.config.data.model_copy(update={"cache": False, "n_train": n})
+    source = build.registry.get("dataset", "phantom").factory(data, partitioner=build.partitioner(), root=root)
+    return next(iter(DataLoader(source.split("train"), batch_size=n))), source
+
+
+def build_step(label: str, build: Builder, data: dict, source, transform: VariableTransform, args: argparse.Namespace):
+    """One strategy's CFT module and optimiser, as the finetune stage builds them; returns step()."""
+    schema = source.schema
     torch.manual_seed(0)
-    hvae = HVAE.from_config(HVAEConfig(preset=args.preset), image_shape=(h, w), num_parents=len(names))
-    dscm = DSCM(SCM({v: [] for v in names}), {v: SplineFlow(0) for v in names}, hvae, transform)
-    predictors = GuidancePredictors(
-        segmentor=UNet(SegmentorConfig(widths=predictors_cfg.segmentor.widths)),
-        regressor=build_regressor(RegressorConfig(arch=predictors_cfg.regressor.model), len(names)),
-    )
-    strategies = build_strategies(STRATEGIES[label], load_registry(), predictors)
-    cft = CounterfactualFineTuning(dscm, strategies, region_names=REGIONS, pixel_area_mm2=spacing**2, eps=1.0)
+    dscm = build.dscm(schema, source.image_shape, transform)
+    predictors = GuidancePredictors(segmentor=build.segmentor(schema), regressor=build.regressor(schema))
+    strategies = build.guidance(label, predictors)
+    cft = build.finetuning(dscm, strategies, schema, float(source.spacing_mm) ** 2, eps=1.0)
     cft.train()
     if args.mode == "bf16":
         cft.to(memory_format=torch.channels_last)
@@ -98,16 +83,17 @@ def build_step(label: str, data: dict, transform: VariableTransform, args: argpa
         opt.step()
         return time.perf_counter() - started
 
-    return step, sum(p.numel() for p in hvae.parameters()) / 1e6
+    return step, sum(p.numel() for p in dscm.image.parameters()) / 1e6
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
     """Steps of the strategies interleaved round-robin, so load from other work hits all alike."""
     torch.set_num_threads(args.threads)
-    spacing = 16.0 / args.height  # the phantom's 16 mm field of view
-    data = scenes(args.batch_size, args.height, args.width, spacing)
-    transform = VariableTransform.fit(variable_names(REGIONS), data["parents"])
-    steps = {label: build_step(label, data, transform, args, spacing) for label in STRATEGIES}
+    build = builder(args)
+    with tempfile.TemporaryDirectory() as root:
+        data, source = phantom_batch(build, args.batch_size, Path(root))
+    transform = VariableTransform.fit(source.schema.names, data["parents"])
+    steps = {label: build_step(label, build, data, source, transform, args) for label in STRATEGIES}
     for step, _ in steps.values():
         for _ in range(args.warmup):
             step()
@@ -129,7 +115,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     setup = {
-        "input": f"{args.height}x{args.width}", "batch_size": args.batch_size, "hvae_preset": args.preset,
+        "input": f"{args.height}x{6 * args.height}", "batch_size": args.batch_size, "hvae_preset": args.preset,
         "mode": args.mode, "threads": args.threads, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -155,8 +141,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--height", type=int, default=32)
-    parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--height", type=int, default=32, choices=(16, 32, 64), help="phantom image height (x6 wide)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--mode", choices=("fp32", "bf16"), default="fp32")

@@ -3,15 +3,12 @@
     .venv/bin/python benchmarks/guidance_strategies.py            # the `cpu` comparison
     .venv/bin/python benchmarks/guidance_strategies.py --config quickstart --set run.dir=runs/bench-qs
 
-Writes benchmarks/results/guidance_<config>.json and .md: per strategy the intervened-region and
-off-target errors (evaluation segmentor and ground truth), image error against the true
-counterfactual, composition, reversibility and realism; paired per-image differences between
-strategies with 95 % intervals; per stage the wall time and the training throughput; and for how
-many of the 9 interventions the paper's ordering (positional segmentor < regressor < none on the
-intervened region) holds. With ``--paper-table
-/work/shared/paper/table1.csv`` (not shipped) it also puts our error ratios beside the paper's.
-Stages already complete in the run folder are skipped (their recorded times are reported), so
-compare runs made from scratch.
+Writes benchmarks/results/guidance_<config>.json and .md: the report's summary table (every
+metric's headline numbers per strategy), the per-intervention ordering counts and the paired
+per-image differences between strategies with 95 % intervals, the paper's Table 1 ratios beside
+this run's (the paper's table ships with causalimg), and per stage the wall time and the training
+throughput. Stages already complete in the run folder are skipped (their recorded times are
+reported), so compare runs made from scratch.
 """
 
 from __future__ import annotations
@@ -25,15 +22,13 @@ from pathlib import Path
 
 import torch
 
+from causalimg.builder import load_schema
 from causalimg.config.loader import load_config
-from causalimg.core.schema import VariableSchema
-from causalimg.pipeline.components import SCHEMA_FILE
-from causalimg.pipeline.evaluation import METRICS_FILE
-from causalimg.pipeline.stage import DONE, atomic_write_json, atomic_write_text, read_json
-from causalimg.pipeline.stages import run_pipeline
+from causalimg.io import atomic_write_json, atomic_write_text, read_json
+from causalimg.pipeline.graph import run_pipeline
+from causalimg.pipeline.stage import DONE
 from causalimg.plugins.manager import load_registry
-from causalimg.report.paired import paired_table, paper_order_findings
-from causalimg.report.tables import PAPER_ORDER, ordering_count, paper_comparison, summary_table
+from causalimg.report.paper import paper_comparison
 from causalimg.training.accelerator import finish
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,17 +39,14 @@ def stage_rows(run_dir: Path, names: list[str]) -> list[dict]:
     for name in names:
         done = read_json(run_dir / name / DONE) or {}
         summary = done.get("summary", {}) if isinstance(done.get("summary"), dict) else {}
-        rows.append(
-            {
-                "stage": name,
-                "seconds": done.get("seconds"),
-                "steps": summary.get("steps"),
-                "images_per_s": summary.get("images_per_s"),
-                "steps_per_s": summary["steps"] / summary["session_time_s"]
-                if summary.get("steps") and summary.get("session_time_s")
-                else None,
-            }
-        )
+        steps, seconds = summary.get("steps"), summary.get("session_time_s")
+        rows.append({
+            "stage": name,
+            "seconds": done.get("seconds"),
+            "steps": steps,
+            "images_per_s": summary.get("images_per_s"),
+            "steps_per_s": steps / seconds if steps and seconds else None,
+        })  # fmt: skip
     return rows
 
 
@@ -66,20 +58,17 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']}; stages took {report['stage_seconds']:.0f} s in all "
         f"(this invocation: {report['wall_s']:.0f} s; stages already complete were skipped).",
         "",
-        summary_table(report["strategies"]).markdown(),
+        report["summary_md"],
         "",
+        *(f"- {line}" for line in report["findings"]),
+        "",
+        report["paired_md"],
+        "",
+        report["paper_comparison"],
+        "",
+        "| stage | seconds | steps | images/s | steps/s |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for metric, count in report["paper_ordering"].items():
-        if count is not None:
-            lines.append(
-                f"- {metric}: {' < '.join(PAPER_ORDER)} on the intervened region for {count} of 9 interventions."
-            )
-    if report["paired"]:
-        lines += ["", paired_table(report["paired"]).markdown()]
-        lines += [f"- {line}" for line in paper_order_findings(report["paired"])]
-    if "paper_comparison" in report:
-        lines += ["", report["paper_comparison"]]
-    lines += ["", "| stage | seconds | steps | images/s | steps/s |", "|---|---:|---:|---:|---:|"]
     for row in report["stages"]:
         cells = [row["stage"]] + [
             "" if row[k] is None else f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k])
@@ -94,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="cpu", help="shipped config name or file (default: cpu)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--paper-table", type=Path, default=None,
-        help="the paper's Table 1 as CSV (intervention,cft_type,proximal,mid,distal) to compare orderings with",
-    )  # fmt: skip
+    parser.add_argument("--name", default=None, help="results file stem (default: guidance_<config>)")
     args = parser.parse_args(argv)
     registry = load_registry()
     config = load_config(args.config, args.overrides, registry)
@@ -105,36 +91,32 @@ def main(argv: list[str] | None = None) -> int:
     results = run_pipeline(config, registry)
     wall = time.perf_counter() - began
     run_dir = Path(config.run.dir)
-    labels = list(config.finetune.strategies)
-    strategies = {label: read_json(run_dir / "evaluate" / label / METRICS_FILE)["metrics"] for label in labels}
-    schema = VariableSchema.from_json((run_dir / "data" / SCHEMA_FILE).read_text())
-    variables = schema.area_names
+    report_dir = run_dir / "report"
+    report_json = read_json(report_dir / "results.json") or {}
+    strategies = report_json.get("strategies", {})
+    effectiveness = {label: s["effectiveness"] for label, s in strategies.items() if "effectiveness" in s}
+    command = " ".join(["python benchmarks/guidance_strategies.py", *(sys.argv[1:] if argv is None else argv)])
     report = {
         "config": Path(str(args.config)).stem,
-        "command": " ".join(["python benchmarks/guidance_strategies.py", *sys.argv[1:]])
-        if argv is None
-        else " ".join(argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.1f} at the end, python {platform.python_version()}",
+        "command": command,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end, python {platform.python_version()}",
         "wall_s": wall,
         "stages": stage_rows(run_dir, list(results)),
         "stage_seconds": sum((read_json(run_dir / name / DONE) or {}).get("seconds", 0.0) for name in results),
         "strategies": strategies,
-        "paired": (read_json(run_dir / "report" / "results.json") or {}).get("paired", []),
-        "paper_ordering": {
-            metric: ordering_count(
-                {label: s[metric] for label, s in strategies.items() if "cells" in s.get(metric, {})}, variables
-            )
-            for metric in ("effectiveness", "ground-truth")
-        },
+        "paired": report_json.get("paired", []),
+        "findings": report_json.get("findings", []),
+        "summary_md": (report_dir / "summary.md").read_text() if (report_dir / "summary.md").is_file() else "",
+        "paired_md": (report_dir / "paired.md").read_text() if (report_dir / "paired.md").is_file() else "",
+        "paper_comparison": paper_comparison(
+            effectiveness, load_schema(run_dir / "data"), config.report.ordering
+        ).markdown(),
     }
-    if args.paper_table is not None:
-        effectiveness = {label: s["effectiveness"] for label, s in strategies.items() if "effectiveness" in s}
-        report["paper_comparison"] = paper_comparison(args.paper_table.read_text(), effectiveness, schema).markdown()
-    name = report["config"]
+    name = args.name or f"guidance_{report['config']}"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"guidance_{name}.json", report)
-    atomic_write_text(args.out / f"guidance_{name}.md", markdown(report))
+    atomic_write_json(args.out / f"{name}.json", report)
+    atomic_write_text(args.out / f"{name}.md", markdown(report))
     print(markdown(report))
     finish()
     return 0

@@ -29,19 +29,14 @@ from typing import Any
 import torch
 from proc_memory import resident
 
+from causalimg.builder import Builder, split_parents
+from causalimg.config.loader import load_config
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidancePredictors
-from causalimg.core.scm import DSCM, SCM
 from causalimg.core.transform import VariableTransform
-from causalimg.data.phantom import PhantomConfig, PhantomSource
-from causalimg.guidance.positional import PositionalSegmentorGuidanceConfig
-from causalimg.mechanisms.flows import SplineFlow
-from causalimg.mechanisms.hvae import HVAE, HVAEConfig
 from causalimg.plugins.manager import load_registry
-from causalimg.predictors.unet import SegmentorConfig, UNet
-from causalimg.regions.axial import AxialPartitioner
 from causalimg.training.accelerator import finish, make_accelerator
-from causalimg.training.finetune import CounterfactualFineTuning, build_strategies, finetune_objective
+from causalimg.training.finetune import CounterfactualFineTuning
 from causalimg.training.loop import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,19 +44,18 @@ MB = 1024 * 1024
 
 
 def build(root: Path, seed: int) -> tuple[CounterfactualFineTuning, Any]:
-    source = PhantomSource(PhantomConfig(spacing_mm=1.0, n_train=32, n_val=4, n_test=4), AxialPartitioner(), root)
+    """The tiny config's phantom (32 training images), the cpu HVAE and positional-segmentor guidance,
+    built as the finetune stage builds them."""
+    registry = load_registry()
+    config = load_config("tiny", ["finetune.strategies.soak=[{name: positional-segmentor}]"], registry)
+    build = Builder(config, registry)
+    source = build.data_source(root)
     train = source.split("train")
-    parents = torch.stack([train[i]["parents"] for i in range(len(train))])  # (N, P) mm^2
-    transform = VariableTransform.fit(tuple(source.variables), parents)
+    transform = VariableTransform.fit(source.schema.names, split_parents(train))
     torch.manual_seed(seed)
-    hvae = HVAE.from_config(
-        HVAEConfig(preset="cpu"), image_shape=tuple(source.image_shape), num_parents=len(source.variables)
-    )
-    dscm = DSCM(SCM({v: [] for v in source.variables}), {v: SplineFlow(0) for v in source.variables}, hvae, transform)
-    predictors = GuidancePredictors(segmentor=UNet(SegmentorConfig(widths=(8, 16))))
-    strategies = build_strategies([PositionalSegmentorGuidanceConfig()], load_registry(), predictors)
-    cft = CounterfactualFineTuning(dscm, strategies, region_names=source.region_names, pixel_area_mm2=1.0, eps=1.0)
-    return cft, train
+    dscm = build.dscm(source.schema, source.image_shape, transform)
+    strategies = build.guidance("soak", GuidancePredictors(segmentor=build.segmentor(source.schema)))
+    return build.finetuning(dscm, strategies, source.schema, float(source.spacing_mm) ** 2, eps=1.0), train
 
 
 def window(records: list[dict[str, float]], start: int, size: int) -> dict[str, float]:
@@ -87,7 +81,7 @@ def soak(steps: int, size: int, warmup: int, batch_size: int, threads: int, work
         if step > 0:
             records.append({"step": step - 1, "seconds": now - last[0], **resident()})
         last[0] = now
-        return finetune_objective(model, batch, step)
+        return model(batch)
 
     config = TrainConfig(
         steps=steps,

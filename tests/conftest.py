@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import PositiveInt
 
 import causalimg
-from causalimg.config.base import StrictModel
+from causalimg.strict import StrictModel
 from causalimg.plugins import specs
 
 

@@ -71,6 +71,7 @@ def test_schema_is_json_with_every_section(capsys):
         "predictors",
         "finetune",
         "evaluate",
+        "report",
         "tracking",
     ]
 

@@ -11,31 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from causalimg.builder import Builder
+from causalimg.config.loader import load_config
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidancePredictors
 from causalimg.core.schema import Variable
-from causalimg.core.scm import DSCM, SCM
+from causalimg.core.scm import DSCM
 from causalimg.core.transform import VariableTransform
 from causalimg.data.phantom import phantom_schema
 from causalimg.errors import ConfigError, DataError
-from causalimg.guidance.positional import PositionalSegmentorGuidanceConfig
-from causalimg.guidance.regressor import RegressorGuidanceConfig
 from causalimg.io import load_tensors
-from causalimg.mechanisms.flows import SplineFlow
-from causalimg.mechanisms.hvae import HVAE, HVAEConfig
 from causalimg.plugins.manager import load_registry
-from causalimg.predictors.regressor import RegressorConfig, build_regressor
-from causalimg.predictors.unet import SegmentorConfig, UNet
 from causalimg.training.accelerator import make_accelerator
 from causalimg.training.checkpoint import list_checkpoints
-from causalimg.training.finetune import (
-    CounterfactualFineTuning,
-    LagrangeMultiplier,
-    build_strategies,
-    finetune_dscm,
-    measure_nelbo,
-    select_trainable,
-)
+from causalimg.training.finetune import CounterfactualFineTuning, LagrangeMultiplier, measure_nelbo, select_trainable
+from causalimg.training.loop import fit
 
 REGIONS = ("proximal", "mid", "distal")
 SCHEMA = phantom_schema(REGIONS, with_age=False)
@@ -80,35 +70,46 @@ DATA = Scenes()
 TRANSFORM = VariableTransform.fit(SCHEMA.names, DATA.parents)
 
 
+# The tiny HVAE and flows of these tests, as a run config describes them; everything is built by Builder.
+TINY = [
+    "image_mechanism={name: hvae, preset: null, widths: [8, 8, 8, 16, 16, 16], enc_blocks: [1, 1, 1, 1, 1, 1], "
+    "dec_blocks: [1, 1, 1, 1, 1, 1], bottleneck: 0.5, z_dim: 4, embed_dim: 16, dropout: 0.0}",
+    "flows={name: spline-flow, transforms: 1, hidden: [8]}",
+    "predictors.segmentor.widths=[8, 16]",
+    "predictors.regressor.model=resnet10t",  # has BatchNorm
+]
+
+
+def builder(*strategies: str) -> Builder:
+    registry = load_registry()
+    overrides = [*TINY, *(f"finetune.strategies.{s}" for s in strategies)]
+    return Builder(load_config("tiny", overrides, registry), registry)
+
+
 def tiny_dscm(seed: int = 0, extra_root: str | None = None) -> DSCM:
-    """A tiny HVAE and one spline flow per variable (all roots), optionally with a non-area root."""
+    """A tiny HVAE and one spline flow per variable (all roots), optionally with a non-area root first."""
     torch.manual_seed(seed)
-    transform = TRANSFORM
+    schema, transform = SCHEMA, TRANSFORM
     if extra_root is not None:
+        schema = dataclasses.replace(SCHEMA, extra=(Variable(extra_root, unit="years"),))
         transform = VariableTransform((extra_root, *TRANSFORM.names), torch.cat([torch.zeros(1), TRANSFORM.low]),
                                       torch.cat([torch.ones(1), TRANSFORM.high]))  # fmt: skip
-    names = transform.names
-    hvae = HVAE.from_config(
-        HVAEConfig(preset=None, widths=(8, 8, 8, 16, 16, 16), enc_blocks=(1,) * 6, dec_blocks=(1,) * 6,
-                   bottleneck=0.5, z_dim=4, embed_dim=16, dropout=0.0),
-        image_shape=(H, W), num_parents=len(names),
-    )  # fmt: skip
-    flows = {v: SplineFlow(0, transforms=1, hidden=(8,)) for v in names}
-    return DSCM(SCM({v: [] for v in names}), flows, hvae, transform)
+    return builder().dscm(schema, (H, W), transform)
 
 
 def predictors() -> GuidancePredictors:
     torch.manual_seed(1)
-    regressor = build_regressor(RegressorConfig(arch="resnet10t"), len(TRANSFORM.names))  # has BatchNorm
-    segmentor = UNet(SegmentorConfig(widths=(8, 16)), num_classes=SCHEMA.num_classes)
-    return GuidancePredictors(segmentor=segmentor, regressor=regressor)
+    build = builder()
+    return GuidancePredictors(segmentor=build.segmentor(SCHEMA), regressor=build.regressor(SCHEMA))
 
 
-def cft_for(dscm: DSCM, terms, preds: GuidancePredictors, **options) -> CounterfactualFineTuning:
-    strategies = build_strategies(terms, load_registry(), preds)
-    return CounterfactualFineTuning(
-        dscm, strategies, schema=SCHEMA, pixel_area_mm2=0.25, eps=options.pop("eps", 0.0), **options
-    )
+def cft_for(dscm: DSCM, terms: str, preds: GuidancePredictors, **options) -> CounterfactualFineTuning:
+    """The CFT module of strategy ``terms`` (YAML list of guidance terms) as the finetune stage builds it."""
+    build = builder(f"test={terms}")
+    cft = build.finetuning(dscm, build.guidance("test", preds), SCHEMA, 0.25, options.pop("eps", 0.0))
+    for name, value in options.items():  # options the tests vary beyond the tiny config
+        setattr(cft, name, value)
+    return cft
 
 
 def batch(n: int = 4) -> dict[str, torch.Tensor]:
@@ -163,8 +164,8 @@ def test_step_draws_in_range_targets_on_area_variables_only() -> None:
 
 def test_fixed_weight_objective_and_reported_terms() -> None:
     dscm, preds = tiny_dscm(), predictors()
-    terms = [PositionalSegmentorGuidanceConfig(), RegressorGuidanceConfig(weight=0.1)]
-    cft = cft_for(dscm, terms, preds, constraint="fixed", nelbo_weight=2.0)
+    cft = cft_for(dscm, "[{name: positional-segmentor}, {name: regressor, weight: 0.1}]", preds, constraint="fixed",
+                  nelbo_weight=2.0)  # fmt: skip
     out = cft(batch())
     assert set(out) >= {"loss", "guidance", "nelbo", "lambda", "guidance/positional-segmentor", "guidance/regressor"}
     expected = out["guidance/positional-segmentor"] + out["guidance/regressor"] + 2.0 * out["nelbo"]
@@ -196,19 +197,18 @@ def test_finetuning_moves_only_the_image_mechanism_and_keeps_predictors_bit_iden
     dscm, preds = tiny_dscm(), predictors()
     frozen_before = {k: v.clone() for m in (preds.segmentor, preds.regressor) for k, v in m.state_dict().items()}
     eps = measure_nelbo(dscm, [batch(8)])
-    cft = cft_for(
-        dscm,
-        [PositionalSegmentorGuidanceConfig(), RegressorGuidanceConfig(weight=0.1)],
-        preds,
-        eps=eps - 1.0,
-        lagrange_lr=0.1,
+    build = builder("test=[{name: positional-segmentor}, {name: regressor, weight: 0.1}]")
+    cft = CounterfactualFineTuning(
+        dscm, build.guidance("test", preds), schema=SCHEMA, pixel_area_mm2=0.25, eps=eps - 1.0, lagrange_lr=0.1,
         trainable="decoder",
-    )  # eps below the nelbo: lambda must rise
+    )  # fmt: skip  # eps below the nelbo: lambda must rise
     flows_before = {k: v.clone() for k, v in dscm.attributes.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in dscm.image.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in dscm.image.decoder.state_dict().items()}
     config = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, ema_decay=0.0, checkpoint_every=3)
-    result = finetune_dscm(cft, DATA, config, tmp_path, make_accelerator(config, tmp_path), seed=0)
+    cft.train()
+    result = fit(cft, lambda m, b, _: m(b), DATA, config, tmp_path, make_accelerator(config, tmp_path), seed=0,
+                 parameters=cft.trainable, weights_prefix="dscm.")  # fmt: skip
 
     frozen_after = {k: v for m in (preds.segmentor, preds.regressor) for k, v in m.state_dict().items()}
     assert all(torch.equal(frozen_before[k], v) for k, v in frozen_after.items())  # BatchNorm stats included
@@ -222,20 +222,11 @@ def test_finetuning_moves_only_the_image_mechanism_and_keeps_predictors_bit_iden
     assert result.summary["steps"] == 3 and result.weights.is_file()
     saved = load_tensors(list_checkpoints(tmp_path)[-1] / "model.safetensors")  # lambda is checkpointed
     assert float(saved["multiplier.value"]) > 0.0
-
-
-def test_no_cft_keeps_the_pretrained_weights(tmp_path: Path) -> None:
-    dscm = tiny_dscm()
-    before = {k: v.clone() for k, v in dscm.state_dict().items()}
-    cft = cft_for(dscm, [], predictors())
-    config = TrainConfig(steps=3, batch_size=4)
-    result = finetune_dscm(cft, DATA, config, tmp_path, make_accelerator(config, tmp_path), seed=0)
-    assert result.summary["steps"] == 0 and result.summary["no_cft"]
-    assert all(torch.equal(before[k], v) for k, v in dscm.state_dict().items())
-    saved = load_tensors(result.weights)
-    assert all(torch.equal(before[k], saved[k]) for k in before)
+    weights = load_tensors(result.weights)  # the result is the DSCM alone, as the evaluate stage loads it
+    assert set(weights) == set(dscm.state_dict())
 
 
 def test_repeated_guidance_terms_are_a_config_error() -> None:
+    build = builder("test=[{name: regressor}, {name: regressor, weight: 2}]")
     with pytest.raises(ConfigError, match="appear twice"):
-        build_strategies([RegressorGuidanceConfig(), RegressorGuidanceConfig(weight=2)], load_registry(), predictors())
+        build.guidance("test", predictors())

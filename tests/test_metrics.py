@@ -15,13 +15,14 @@ from causalimg.metrics.base import (
     EvalContext,
     EvalInfo,
     collect_rows,
-    evaluate,
     intervention_targets,
     mean_ci,
+    per_image_errors,
+    summarise,
     t_quantile_975,
 )
 from causalimg.metrics.composition import Composition
-from causalimg.metrics.effectiveness import Effectiveness, per_image_errors
+from causalimg.metrics.effectiveness import Effectiveness
 from causalimg.metrics.ground_truth import GroundTruth
 from causalimg.metrics.realism import Realism, frechet_distance
 from causalimg.metrics.reversibility import Reversibility
@@ -147,6 +148,12 @@ def make_context(batch, truth=True):
     return EvalContext(
         INFO, TRANSFORM, regions, 1.0, segment, features, toy_true_counterfactual if truth else None, seed=3
     )
+
+
+def evaluate(metrics, model, data, context, info, gatherer=None):
+    """Rows of every batch, gathered, then every metric's summary: what the evaluate stage does."""
+    _, rows = collect_rows(metrics, model, data, context, gatherer)
+    return summarise(metrics, rows, info)
 
 
 def run(model, metrics, **kw):
@@ -309,6 +316,9 @@ def flat_rows(model, n: int = 12, order=None) -> dict[str, torch.Tensor]:
     return {"index": index, **{f"{m}/{c}": v for m, columns in rows.items() for c, v in columns.items()}}
 
 
+MEASURED_BY = {"effectiveness/abs_error": "evaluation segmentor", "ground-truth/area_error": "true counterfactual"}
+
+
 def merge(data):
     return {k: torch.cat([b[k] for b in data]) for k in data[0]}
 
@@ -322,7 +332,7 @@ def test_collect_rows_keeps_image_indices_in_the_order_of_the_rows():
 def test_per_image_errors_average_to_the_headline_numbers():
     out = run(Leaky(), {"eff": Effectiveness()})["eff"]
     _, rows = collect_rows({"eff": Effectiveness()}, Leaky(), batches(), make_context)
-    per_image = per_image_errors(rows["eff"]["abs_error"], len(REGIONS))
+    per_image = per_image_errors(rows["eff"]["abs_error"], SCHEMA)
     assert float(per_image["intervened"].mean()) == pytest.approx(out["intervened"], abs=1e-5)
     assert float(per_image["off_target"].mean()) == pytest.approx(out["off_target"], abs=1e-5)
 
@@ -332,14 +342,14 @@ def test_paired_differences_tell_a_leaky_generator_from_a_perfect_one_whatever_t
         flat_rows(Perfect()),
         flat_rows(Leaky(), order=torch.randperm(12, generator=torch.Generator().manual_seed(1))),
     )
-    differences = paired_differences({"perfect": perfect, "leaky": leaky}, len(REGIONS))
+    differences = paired_differences({"perfect": perfect, "leaky": leaky}, SCHEMA, MEASURED_BY)
     assert {d["measured_by"] for d in differences} == {"evaluation segmentor", "true counterfactual"}
     by_segmentor = next(d for d in differences if d["measured_by"] == "evaluation segmentor")
     assert (by_segmentor["later"], by_segmentor["earlier"]) == ("leaky", "perfect")
     assert by_segmentor["off_target"]["mean"] > by_segmentor["off_target"]["ci95"] > 0  # leaky leaks, clearly
     assert by_segmentor["intervened"]["mean"] == pytest.approx(0.0, abs=1e-6)  # both hit the intervened region
     assert by_segmentor["off_target"]["n"] == 12
-    table = paired_table(differences).markdown()
+    table = paired_table(differences, SCHEMA).markdown()
     assert "leaky - perfect" in table and "**" in table
     perfect_first = paired_findings(differences, "perfect", "leaky")[0]
     assert "off-target -" in perfect_first and "(lower)" in perfect_first
@@ -349,6 +359,6 @@ def test_paired_differences_tell_a_leaky_generator_from_a_perfect_one_whatever_t
 
 def test_paired_differences_pair_only_the_images_both_runs_evaluated():
     full, part = flat_rows(Leaky(), n=12), flat_rows(Leaky(), n=8)
-    differences = paired_differences({"a": full, "b": part}, len(REGIONS))
+    differences = paired_differences({"a": full, "b": part}, SCHEMA, MEASURED_BY)
     assert differences[0]["off_target"]["n"] == 8
     assert differences[0]["off_target"]["mean"] == pytest.approx(0.0, abs=1e-6)

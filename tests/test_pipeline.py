@@ -7,7 +7,9 @@ import json
 import pytest
 
 from causalimg.config.loader import load_config
-from causalimg.pipeline.stages import Pipeline, run_pipeline, segmentor_half
+from causalimg.pipeline.graph import pipeline_stages, run_pipeline
+from causalimg.pipeline.stage import SingleProcess, stage_hashes
+from causalimg.pipeline.stages.predictors import segmentor_half
 from causalimg.plugins.manager import load_registry
 
 
@@ -30,7 +32,7 @@ def statuses(results):
 
 
 def test_the_evaluation_segmentor_never_reaches_fine_tuning(tmp_path, registry):
-    stages = {s.name: s for s in Pipeline(tiny(tmp_path, registry), registry, None).stages()}
+    stages = {s.name: s for s in pipeline_stages(tiny(tmp_path, registry), registry, SingleProcess())}
     for name, stage in stages.items():
         if name.startswith("finetune/"):
             assert "predictors/evaluation-segmentor" not in stage.upstream
@@ -86,3 +88,89 @@ def test_tiny_run_end_to_end_then_skip_then_redo_one_strategy(tmp_path, registry
     assert "report" not in only
     start = statuses(run_pipeline(changed, registry, start="report"))  # the report was made stale by --only
     assert start["report"] == "ran" and start["evaluate/none"] == "skipped"
+
+
+def hashes(config, registry):
+    return stage_hashes(pipeline_stages(config, registry, SingleProcess()))
+
+
+def test_operational_training_fields_redo_no_stage(tmp_path, registry):
+    base = hashes(tiny(tmp_path, registry), registry)
+    for section in ("flows_train", "pretrain", "predictors.segmentor.train", "finetune.train"):
+        for field, value in (
+            ("log_every", 7),
+            ("checkpoint_every", 3),
+            ("keep_checkpoints", 5),
+            ("tune_malloc", False),
+        ):
+            changed = hashes(tiny(tmp_path, registry, f"{section}.{field}={value}"), registry)
+            assert changed == base, f"{section}.{field}"
+    moved = hashes(tiny(tmp_path, registry, "tracking.tensorboard=true"), registry)
+    assert moved == base
+
+
+def perturbed(value):
+    """Other values of the same type, most likely first (None when there is none to try)."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value + 2, max(value - 1, 0)]
+    if isinstance(value, float):
+        return [value * 0.5 + 0.01, value * 1.5 + 0.01, min(value * 1.001, 0.999)]
+    return None
+
+
+def test_every_declared_field_is_in_its_stage_hash(tmp_path, registry):
+    """Walk each stage's declared reads: changing any field below them changes that stage's hash."""
+    from causalimg.config.loader import validate_config
+    from causalimg.pipeline import reads
+    from causalimg.pipeline.graph import SEED_READ
+    from causalimg.pipeline.stages import data, evaluate, finetune, flows, predictors, pretrain
+
+    config = tiny(tmp_path, registry)
+    declared = {
+        "data": data.READS, "flows": flows.READS, "predictors/guidance-segmentor": predictors.SEGMENTOR_READS,
+        "predictors/regressor": predictors.REGRESSOR_READS, "pretrain": pretrain.READS,
+        "finetune/regressor": finetune.reads("regressor"), "evaluate/regressor": evaluate.reads("regressor"),
+    }  # fmt: skip
+    base = hashes(config, registry)
+    raw = config.model_dump(mode="json")
+    checked = 0
+    for stage, paths in declared.items():
+        for leaf in reads.leaf_paths(config, (*paths, SEED_READ)):
+            parts = leaf.split(".")
+            node = raw
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            key = int(parts[-1]) if isinstance(node, list) else parts[-1]
+            old = node[key]
+            for candidate in perturbed(old) or []:
+                node[key] = candidate
+                try:
+                    changed = validate_config(raw, registry)
+                except Exception:
+                    continue
+                finally:
+                    node[key] = old
+                assert hashes(changed, registry)[stage] != base[stage], f"{stage}: {leaf}"
+                checked += 1
+                break
+    assert checked > 60  # numbers and switches of every stage were perturbed
+
+
+def test_a_stage_body_cannot_read_undeclared_config(tmp_path, registry):
+    from causalimg.pipeline.reads import UndeclaredConfigRead, view
+
+    config = tiny(tmp_path, registry)
+    guarded = view(config, ("pretrain", "finetune.strategies.none"), "pretrain")
+    assert guarded.pretrain.steps == config.pretrain.steps and guarded.finetune.strategies["none"] == []
+    with pytest.raises(UndeclaredConfigRead, match="finetune.train"):
+        _ = guarded.finetune.train
+    with pytest.raises(UndeclaredConfigRead, match="'flows'"):
+        _ = guarded.flows
+
+
+def test_partly_given_sections_keep_their_own_defaults(tmp_path, registry):
+    config = tiny(tmp_path, registry, "flows_train={steps: 5}", "finetune.train={steps: 5}")
+    assert config.flows_train.ema_decay == 0.99 and config.flows_train.batch_size == 256
+    assert config.finetune.train.lr == 1e-4

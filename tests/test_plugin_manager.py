@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.errors import ConfigError, PluginError
 from causalimg.plugins import manager
 from causalimg.plugins.manager import (
@@ -25,6 +24,7 @@ from causalimg.plugins.manager import (
     registration_hooks,
 )
 from causalimg.plugins.specs import SPEC_KINDS, MetricSpec, PartitionerSpec
+from causalimg.strict import StrictModel
 
 
 def partitioner_config(name: str) -> type[StrictModel]:

@@ -98,10 +98,10 @@ def test_evaluate_dice_counts_pixels_over_the_whole_split() -> None:
 
 
 def test_regressor_is_a_one_channel_timm_resnet_with_one_output_per_variable() -> None:
-    net = build_regressor(RegressorConfig(arch="resnet10t"), 9)
+    net = build_regressor(RegressorConfig(model="resnet10t"), 9)
     assert net(torch.randn(2, 1, 32, 192)).shape == (2, 9)
-    with pytest.raises(ConfigError, match="regressor.arch 'resnet-nope'"):
-        build_regressor(RegressorConfig(arch="resnet-nope"), 9)
+    with pytest.raises(ConfigError, match="regressor.model 'resnet-nope'"):
+        build_regressor(RegressorConfig(model="resnet-nope"), 9)
 
 
 def test_regressor_objective_and_mae_in_data_units() -> None:
@@ -125,7 +125,7 @@ def test_regressor_objective_and_mae_in_data_units() -> None:
 
 
 def test_freeze_stops_gradients_and_batchnorm_statistics() -> None:
-    net = freeze(build_regressor(RegressorConfig(arch="resnet10t"), 3))
+    net = freeze(build_regressor(RegressorConfig(model="resnet10t"), 3))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(4, 1, 16, 32, requires_grad=True)
     net(x).sum().backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -15,11 +16,12 @@ import torch
 from PIL import Image
 
 from causalimg.data.phantom import phantom_schema
-from causalimg.metrics.base import EvalInfo
-from causalimg.metrics.effectiveness import error_summary
+from causalimg.metrics.base import EvalInfo, error_summary
+from causalimg.metrics.effectiveness import Effectiveness
 from causalimg.report.figures import error_bars, figure1
 from causalimg.report.html import write_report
-from causalimg.report.tables import intervention_table, ordering_count, paper_comparison, summary_table
+from causalimg.report.paper import paper_comparison, paper_table
+from causalimg.report.tables import intervention_table, ordering_count, summary_table
 
 REGIONS = ("proximal", "mid", "distal")
 SCHEMA = phantom_schema(REGIONS, with_age=False)
@@ -58,12 +60,14 @@ def test_table1_layout_marks_intervened_cells_and_bolds_the_best():
 
 def test_ordering_count_and_summary_table():
     s = summaries()
-    assert ordering_count(s, NAMES) == 9
+    order = ("positional-segmentor", "regressor", "none")
+    assert ordering_count(s, NAMES, order) == 9
     assert ordering_count(s, NAMES, ("none", "regressor")) == 0
-    assert ordering_count({"none": s["none"]}, NAMES) is None
-    results = {label: {"effectiveness": summary} for label, summary in s.items()}
-    table = summary_table(results)
+    assert ordering_count({"none": s["none"]}, NAMES, order) is None
+    entries = {label: [Effectiveness().report(summary, INFO)] for label, summary in s.items()}
+    table = summary_table(entries)
     assert table.columns == ("intervened (eval seg)", "off-target (eval seg)")
+    assert "evaluation segmentor" in table.note and "9 interventions" in table.note
     best = [cells[0].best for _, cells in table.rows]
     assert best == [False, False, True]
 
@@ -79,14 +83,14 @@ def test_figure1_and_bars_are_pngs_of_the_expected_size(tmp_path):
     image = Image.open(png)
     assert image.format == "PNG" and image.width > 800 and image.height > 300
     bars = error_bars(
-        {"a": dict.fromkeys(NAMES, 1.0), "b": dict.fromkeys(NAMES, 2.0)}, NAMES, tmp_path / "bars.png", "errors"
+        {"a": dict.fromkeys(NAMES, 1.0), "b": dict.fromkeys(NAMES, 2.0)}, SCHEMA, tmp_path / "bars.png", "errors"
     )
     assert Image.open(bars).format == "PNG"
 
 
 def write_sample_report(tmp_path: Path) -> Path:
     table = intervention_table(summaries(), SCHEMA, "Table 1: effectiveness")
-    png = error_bars({"a": dict.fromkeys(NAMES, 1.0)}, NAMES, tmp_path / "bars.png", "errors")
+    png = error_bars({"a": dict.fromkeys(NAMES, 1.0)}, SCHEMA, tmp_path / "bars.png", "errors")
     return write_report(
         tmp_path / "report.html",
         title="causalimg report",
@@ -151,13 +155,16 @@ def test_report_renders_tables_and_images_in_headless_chromium(tmp_path):
 
 
 def test_paper_comparison_puts_ratios_side_by_side():
-    paper = "intervention,cft_type,proximal,mid,distal\n" + "".join(
-        f"do({name.split('_')[0].upper()}-{name.split('_')[1]}),{cft},{v},{v},{v}\n"
-        for name in NAMES
-        for cft, v in (("No-CFT", 40.0), ("Reg-CFT", 20.0), ("Pos-Seg-CFT", 10.0))
-    )
-    table = paper_comparison(paper, summaries(), SCHEMA)
+    paper = {(row["intervention"], row["cft_type"]): row for row in paper_table()}
+    assert len(paper) == 27 and paper[("do(LA-distal)", "Pos-Seg-CFT")]["distal"] == "19.38"  # the shipped table
+    table = paper_comparison(summaries(), SCHEMA, ("positional-segmentor", "regressor", "none"))
     assert len(table.rows) == 9
     (label,), cells = table.rows[0]
     assert label == "do(CPA-proximal)"
-    assert [round(c.value, 4) for c in cells] == [0.5, round(2 / 3, 4), 0.25, round(1 / 3, 4)]
+    assert [round(c.value, 4) for c in cells] == [round(7.89 / 9.25, 4), 0.6667, round(7.77 / 9.25, 4), 0.3333]
+    halves = phantom_schema(("near", "far"), with_age=False)
+    errors = torch.rand(5, 6, 6, generator=torch.Generator().manual_seed(0)) + 1
+    ours = {label: error_summary(errors, EvalInfo(halves)) for label in ("positional-segmentor", "regressor", "none")}
+    other = paper_comparison(ours, halves, ("positional-segmentor", "regressor", "none"))
+    assert all(math.isnan(c.value) for _, cells in other.rows for c in cells[::2])  # the paper has no such regions
+    assert all(c.value == pytest.approx(1.0) for _, cells in other.rows for c in cells[1::2])

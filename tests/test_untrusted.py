@@ -80,7 +80,7 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
         UNet(SegmentorConfig(widths=(4, 8)), num_classes=4), p
     ),
     "predictors.frozen.load_frozen(regressor)": lambda p: frozen.load_frozen(
-        build_regressor(RegressorConfig(arch="resnet10t"), 3), p
+        build_regressor(RegressorConfig(model="resnet10t"), 3), p
     ),
     "io.load_module(HVAE)": lambda p: load_module(_hvae(), p),
     "io.load_module(flows, prefix)": lambda p: load_module(nn.ModuleDict({"a": nn.Linear(1, 1)}), p, "attributes."),
@@ -157,7 +157,7 @@ import pathlib
 pathlib.Path({marker!r}).touch()
 from typing import Literal
 import causalimg
-from causalimg.config.base import StrictModel
+from causalimg.strict import StrictModel
 from causalimg.plugins import specs
 
 class IntruderConfig(StrictModel):

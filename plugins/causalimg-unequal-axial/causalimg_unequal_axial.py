@@ -15,9 +15,9 @@ from einops import repeat
 from pydantic import Field, PositiveFloat, model_validator
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.errors import ConfigError
 from causalimg.plugins.specs import PartitionerSpec
+from causalimg.strict import StrictModel
 
 
 class UnequalAxialConfig(StrictModel):

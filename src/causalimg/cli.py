@@ -142,13 +142,13 @@ def _contact_sheet_arguments(parser: argparse.ArgumentParser) -> None:
 def _contact_sheet(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from causalimg.builder import Builder
     from causalimg.config.loader import load_config
-    from causalimg.pipeline.components import data_source
     from causalimg.plugins.manager import load_registry
     from causalimg.report.contact_sheet import render_contact_sheet
 
     config = load_config(args.config, args.overrides)
-    source = data_source(config, load_registry(config.plugins.dirs), Path(config.run.dir) / "data")
+    source = Builder(config, load_registry(config.plugins.dirs)).data_source(Path(config.run.dir) / "data")
     print(render_contact_sheet(source, args.split, args.n, args.out))
     return 0
 

@@ -20,7 +20,7 @@ from causalimg.config.loader import dump_config, load_config
 from causalimg.config.sections import TrainConfig
 from causalimg.errors import ConfigError
 from causalimg.io import atomic_write_text
-from causalimg.pipeline.stages import run_pipeline
+from causalimg.pipeline.graph import run_pipeline
 from causalimg.plugins.manager import load_registry
 from causalimg.training.accelerator import finish, make_accelerator
 

@@ -17,11 +17,11 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from causalimg.config.base import StrictModel
 from causalimg.config.run import PLUGIN_SECTIONS, build_run_config_model
 from causalimg.config.sections import PluginsSection
 from causalimg.errors import ConfigError
 from causalimg.plugins.manager import Registry, load_registry
+from causalimg.strict import StrictModel
 
 SHIPPED_CONFIGS = "causalimg.configs"
 _SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}

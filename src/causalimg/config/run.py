@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
-    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -26,10 +25,20 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from causalimg.config.base import StrictModel
-from causalimg.config.sections import PluginsSection, RunSection, TrackingConfig, TrainConfig
+from causalimg.config.sections import (
+    ConstraintConfig,
+    FinetuneTrainConfig,
+    FlowsTrainConfig,
+    PluginsSection,
+    PredictorsSection,
+    ReportSection,
+    RunSection,
+    TrackingConfig,
+    TrainConfig,
+)
 from causalimg.errors import ConfigError, PluginError
 from causalimg.plugins.manager import Registry
+from causalimg.strict import StrictModel
 
 # The component a section selects when the config leaves it out, if a plugin of that name is
 # registered and its config needs no values; otherwise the section must be given.
@@ -51,34 +60,67 @@ PLUGIN_SECTIONS: dict[str, str] = {
 _LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class SegmentorSection(StrictModel):
-    """The frozen segmentor that positional and global segmentor guidance read areas from."""
+class PluginConfig(StrictModel):
+    """What code may rely on in any plugin section: the ``name`` that selected the plugin.
 
-    widths: tuple[PositiveInt, ...] = (16, 32, 64)
-    train: TrainConfig = TrainConfig()
+    The static type of plugin sections; at run time a section is the selected plugin's own config model.
+    """
 
-
-class RegressorSection(StrictModel):
-    """The frozen regressor of Reg-CFT: a timm model that predicts every variable from the image."""
-
-    model: str = "resnet18"
-    train: TrainConfig = TrainConfig()
+    name: str
 
 
-class PredictorsSection(StrictModel):
-    """Predictors trained on factual data before fine-tuning, then frozen."""
+class FinetuneSection(StrictModel):
+    """Counterfactual fine-tuning: one run per strategy label, each a weighted sum of guidance terms."""
 
-    segmentor: SegmentorSection = SegmentorSection()
-    regressor: RegressorSection = RegressorSection()
+    train: FinetuneTrainConfig = FinetuneTrainConfig()
+    strategies: dict[str, list[PluginConfig]] = {"none": []}
+    temperature: PositiveFloat = 0.1  # posterior noise scale of the abduction (0: posterior means)
+    trainable: Literal["all", "decoder"] = "all"
+    interventions_per_step: PositiveInt = 1
+    constraint: ConstraintConfig = ConstraintConfig()
+
+    @field_validator("strategies")
+    @classmethod
+    def _labels(cls, strategies: dict[str, Any]) -> dict[str, Any]:
+        for label in strategies:
+            if not _LABEL.match(label):
+                raise ValueError(
+                    f"strategy label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
+                )
+        if not strategies:
+            raise ValueError("give at least one strategy, for example `none: []` (no guidance)")
+        return strategies
 
 
-class ConstraintConfig(StrictModel):
-    """How fine-tuning keeps the factual likelihood: a damped Lagrangian on the nelbo, or a fixed weight."""
+class EvaluateSection(StrictModel):
+    """Counterfactual evaluation (every registered metric by default)."""
 
-    kind: Literal["lagrangian", "fixed"] = "lagrangian"
-    lagrange_lr: PositiveFloat = 0.05
-    damping: NonNegativeFloat = 10.0
-    weight: NonNegativeFloat = 1.0  # the nelbo's weight when kind is "fixed"
+    split: Literal["val", "test"] = "test"  # choose settings on val; evaluate test once per config
+    num_images: PositiveInt = 256
+    batch_size: PositiveInt = 32
+    metrics: list[PluginConfig] = []
+
+
+class RunConfig(StrictModel):
+    """A causalimg run: data, causal mechanisms, predictors, fine-tuning, evaluation and report.
+
+    The static shape of every run config; ``build_run_config_model`` subclasses it with the plugin
+    sections of a registry.
+    """
+
+    run: RunSection = RunSection()
+    plugins: PluginsSection = PluginsSection()
+    data: PluginConfig
+    regions: PluginConfig
+    flows: PluginConfig
+    image_mechanism: PluginConfig
+    flows_train: FlowsTrainConfig = FlowsTrainConfig()
+    pretrain: TrainConfig = TrainConfig()
+    predictors: PredictorsSection = PredictorsSection()
+    finetune: FinetuneSection = FinetuneSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    report: ReportSection = ReportSection()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def _plugin_name_check(registry: Registry, kind: str):
@@ -152,52 +194,28 @@ def _all_default_metrics(registry: Registry) -> list[BaseModel]:
 
 
 @functools.lru_cache(maxsize=8)
-def build_run_config_model(registry: Registry) -> type[StrictModel]:
+def build_run_config_model(registry: Registry) -> type[RunConfig]:
     """The run config model for the components in ``registry`` (one class per registry)."""
     _check_guidance_weights(registry)
     guidance_term = plugin_union(registry, "guidance")
     metric = plugin_union(registry, "metric")
-
-    def check_labels(cls: type, strategies: dict[str, Any]) -> dict[str, Any]:
-        for label in strategies:
-            if not _LABEL.match(label):
-                raise ValueError(
-                    f"strategy label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
-                )
-        if not strategies:
-            raise ValueError("give at least one strategy, for example `none: []` (no guidance)")
-        return strategies
-
     finetune = create_model(
         "FinetuneSection",
-        __base__=StrictModel,
-        __doc__="Counterfactual fine-tuning: one run per strategy label, each a weighted sum of guidance terms.",
-        __validators__={"labels": field_validator("strategies")(check_labels)},
-        train=(TrainConfig, TrainConfig(lr=1e-4)),
+        __base__=FinetuneSection,
+        __doc__=FinetuneSection.__doc__,
         strategies=(dict[str, list[guidance_term]], {"none": []}),  # type: ignore[valid-type]
-        temperature=(PositiveFloat, 0.1),
-        trainable=(Literal["all", "decoder"], "all"),
-        interventions_per_step=(PositiveInt, 1),
-        constraint=(ConstraintConfig, ConstraintConfig()),
     )
     evaluate = create_model(
         "EvaluateSection",
-        __base__=StrictModel,
-        __doc__="Counterfactual evaluation on the test split (every registered metric by default).",
-        num_images=(PositiveInt, 256),
+        __base__=EvaluateSection,
+        __doc__=EvaluateSection.__doc__,
         metrics=(list[metric], Field(default_factory=lambda: _all_default_metrics(registry))),  # type: ignore[valid-type]
     )
     return create_model(
         "RunConfig",
-        __base__=StrictModel,
-        __doc__="A causalimg run: data, causal mechanisms, predictors, fine-tuning and evaluation.",
-        run=(RunSection, RunSection()),
-        plugins=(PluginsSection, PluginsSection()),
+        __base__=RunConfig,
+        __doc__=RunConfig.__doc__,
         **{section: _plugin_field(registry, kind) for section, kind in PLUGIN_SECTIONS.items()},
-        flows_train=(TrainConfig, TrainConfig(steps=1000, batch_size=256, lr=3e-3, warmup_steps=50, ema_decay=0.99)),
-        pretrain=(TrainConfig, TrainConfig()),
-        predictors=(PredictorsSection, PredictorsSection()),
         finetune=(finetune, finetune()),
         evaluate=(evaluate, Field(default_factory=evaluate)),
-        tracking=(TrackingConfig, TrackingConfig()),
     )

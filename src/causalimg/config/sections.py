@@ -1,13 +1,19 @@
-"""The fixed (non-plugin) sections of a run config. Plugin sections are added by ``config.run``."""
+"""The fixed (non-plugin) sections of a run config. Plugin sections are added by ``config.run``.
+
+A section's defaults never depend on which of its fields a config gives: a section with other
+defaults than the generic one (``flows_train``, ``finetune.train``) is a class of its own.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from causalimg.config.base import StrictModel
+from causalimg.predictors.regressor import RegressorConfig
+from causalimg.predictors.unet import SegmentorConfig
+from causalimg.strict import StrictModel
 
 
 class RunSection(StrictModel):
@@ -25,6 +31,13 @@ class PluginsSection(StrictModel):
 
 class TrainConfig(StrictModel):
     """One optimisation loop: shared by flows, predictors, HVAE pretraining and fine-tuning."""
+
+    # How a run is carried out, not what it computes: left out of stage hashes (changing them redoes
+    # nothing) and free to change when a run is resumed (as is ``steps``, to train longer).
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"log_every", "checkpoint_every", "keep_checkpoints", "tune_malloc"}
+    )
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = OPERATIONAL | {"steps"}
 
     steps: PositiveInt = 1000
     batch_size: PositiveInt = 32
@@ -46,7 +59,72 @@ class TrainConfig(StrictModel):
     log_every: PositiveInt = 50
 
 
+class FlowsTrainConfig(TrainConfig):
+    """Training of the attribute flows: small models, big batches."""
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 256
+    lr: PositiveFloat = 3e-3
+    warmup_steps: NonNegativeInt = 50
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """Counterfactual fine-tuning of a pretrained image mechanism: a smaller learning rate."""
+
+    lr: PositiveFloat = 1e-4
+
+
 class TrackingConfig(StrictModel):
     """Experiment trackers fed through Accelerate."""
 
     tensorboard: bool = False
+
+
+class ConstraintConfig(StrictModel):
+    """How fine-tuning keeps the factual likelihood: a damped Lagrangian on the nelbo, or a fixed weight."""
+
+    kind: Literal["lagrangian", "fixed"] = "lagrangian"
+    lagrange_lr: PositiveFloat = 0.05
+    damping: NonNegativeFloat = 10.0
+    weight: NonNegativeFloat = 1.0  # the nelbo's weight when kind is "fixed"
+
+
+class SegmentorSection(SegmentorConfig):
+    """The frozen segmentors (guidance and evaluation): the U-Net's size and its training."""
+
+    train: TrainConfig = TrainConfig()
+
+
+class RegressorSection(RegressorConfig):
+    """The frozen regressor of Reg-CFT: a timm model that predicts every variable, and its training."""
+
+    train: TrainConfig = TrainConfig()
+
+
+class PredictorsSection(StrictModel):
+    """Predictors trained on factual data before fine-tuning, then frozen."""
+
+    segmentor: SegmentorSection = SegmentorSection()
+    regressor: RegressorSection = RegressorSection()
+
+
+class FigureConfig(StrictModel):
+    """Figure 1: each strategy's counterfactuals when one structure grows by ``change`` in each region in turn.
+
+    The defaults are the paper's (+20 mm^2 of calcified plaque, the phantom's first structure).
+    """
+
+    structure: str | None = None  # a structure of the data set; None: its first
+    change: float = 20.0  # in the structure's unit, clipped to each variable's support
+
+
+class ReportSection(StrictModel):
+    """What the report checks and shows; the defaults are the paper's."""
+
+    figure: FigureConfig = FigureConfig()
+    # strategy labels whose intervened-region errors should increase in this order (the paper's claim);
+    # the report counts the interventions where they do, when all of them ran
+    ordering: tuple[str, ...] = ("positional-segmentor", "regressor", "none")
+    # metrics whose per-intervention, per-region errors make a Table 1 each
+    tables: tuple[str, ...] = ("effectiveness", "ground-truth")

@@ -33,8 +33,9 @@ class ImageMechanism(Protocol):
     def loss(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, torch.Tensor]:
         """Factual loss on x (B, 1, H, W) in [-1, 1] and pa (B, P).
 
-        Returns per-image tensors (B,): ``nelbo`` (the training objective, nats per pixel),
-        ``nll`` and ``kl`` (its parts, nats per pixel).
+        Returns per-image tensors (B,): ``loss``, the training objective, which pretraining
+        minimises and counterfactual fine-tuning keeps from degrading, and any parts worth logging
+        (the HVAE's ``nelbo``, ``nll`` and ``kl``, nats per pixel).
         """
         ...
 

@@ -107,19 +107,14 @@ def _find_cycle(parents: Mapping[str, tuple[str, ...]]) -> list[str]:
         path.append(nxt)
 
 
-class DSCM(nn.Module):
-    """Deep SCM: attribute flows + image mechanism over ``scm``, values scaled by ``transform``.
+class AttributeModel(nn.Module):
+    """The scalar part of a deep SCM: one invertible attribute mechanism per variable over ``scm``.
 
-    Parent tensors ``pa`` are (B, P) in data units with columns in ``transform.names`` order.
+    Parent tensors ``pa`` are (B, P) in data units with columns in ``transform.names`` order; the
+    mechanisms see them normalised by ``transform``. ``DSCM`` adds the image.
     """
 
-    def __init__(
-        self,
-        scm: SCM,
-        attribute_mechanisms: Mapping[str, nn.Module],
-        image_mechanism: nn.Module,
-        transform: VariableTransform,
-    ):
+    def __init__(self, scm: SCM, attribute_mechanisms: Mapping[str, nn.Module], transform: VariableTransform):
         super().__init__()
         if set(scm.variables) != set(transform.names):
             raise ConfigError(
@@ -132,24 +127,16 @@ class DSCM(nn.Module):
         for name, mech in attribute_mechanisms.items():
             if not isinstance(mech, AttributeMechanism):
                 raise ConfigError(f"attribute mechanism of {name!r} lacks forward_map/inverse_map/log_prob")
-        if not isinstance(image_mechanism, ImageMechanism):
-            raise ConfigError("image mechanism lacks loss/abduct/predict/sample")
         self.scm = scm
         self.transform = transform
         self.attributes = nn.ModuleDict({v: attribute_mechanisms[v] for v in scm.order})
-        self.image = image_mechanism
         self._col = {n: i for i, n in enumerate(transform.names)}
-        self._image_cols = [self._col[n] for n in scm.image_parents]
 
     # -- helpers -------------------------------------------------------------------------------
     def _context(self, v: str, values: torch.Tensor) -> torch.Tensor | None:
         """Normalised parents of ``v`` from (B, P) normalised values: (B, |pa(v)|), or None for a root."""
         ps = self.scm.parents[v]
         return values[:, [self._col[p] for p in ps]] if ps else None
-
-    def image_parents(self, pa_norm: torch.Tensor) -> torch.Tensor:
-        """(B, P) normalised values -> (B, P_x) the image mechanism's parents."""
-        return pa_norm[:, self._image_cols]
 
     def _check_pa(self, pa: torch.Tensor) -> None:
         if pa.ndim != 2 or pa.shape[1] != len(self._col):
@@ -218,11 +205,47 @@ class DSCM(nn.Module):
             total = total + mech.log_prob(v[:, i : i + 1], self._context(name, v))
         return total
 
+    @torch.no_grad()
+    def sample_parents(self, n: int) -> torch.Tensor:
+        """Ancestral samples of the variables: (n, P) in data units."""
+        device = next(self.parameters()).device
+        v = torch.zeros(n, len(self._col), device=device)
+        for name, mech in self.attributes.items():
+            i = self._col[name]
+            v[:, i : i + 1] = mech.forward_map(torch.randn(n, 1, device=device), self._context(name, v))
+        return self.transform.denormalise(v)
+
+
+class DSCM(AttributeModel):
+    """Deep SCM: the attribute model plus the image mechanism, whose parents are ``scm.image_parents``."""
+
+    def __init__(
+        self,
+        scm: SCM,
+        attribute_mechanisms: Mapping[str, nn.Module],
+        image_mechanism: nn.Module,
+        transform: VariableTransform,
+    ):
+        super().__init__(scm, attribute_mechanisms, transform)
+        if not isinstance(image_mechanism, ImageMechanism):
+            raise ConfigError("image mechanism lacks loss/abduct/predict/sample")
+        self.image = image_mechanism
+        self._image_cols = [self._col[n] for n in scm.image_parents]
+
+    def image_parents(self, pa_norm: torch.Tensor) -> torch.Tensor:
+        """(B, P) normalised values -> (B, P_x) the image mechanism's parents."""
+        return pa_norm[:, self._image_cols]
+
     # -- image part ----------------------------------------------------------------------------
     def abduct(self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0) -> Exogenous:
         """Exogenous state of images x (B, 1, H, W) under their factual parents (data units)."""
         self._check_pa(pa)
         return self.image.abduct(x, self.image_parents(self.transform.normalise(pa)), t)
+
+    def predict(self, exogenous: Exogenous, pa: torch.Tensor) -> torch.Tensor:
+        """The image (B, 1, H, W) of an abducted state under parents ``pa`` (data units)."""
+        self._check_pa(pa)
+        return self.image.predict(exogenous, self.image_parents(self.transform.normalise(pa)))
 
     def counterfactual(
         self, x: torch.Tensor, pa: torch.Tensor, do: Intervention, t: float = 0.0
@@ -231,18 +254,11 @@ class DSCM(nn.Module):
 
         t scales the posterior noise of the abducted latents (0: posterior means)."""
         pa_cf = self.counterfactual_parents(pa, do)
-        exogenous = self.abduct(x, pa, t)
-        x_cf = self.image.predict(exogenous, self.image_parents(self.transform.normalise(pa_cf)))
-        return x_cf, pa_cf
+        return self.predict(self.abduct(x, pa, t), pa_cf), pa_cf
 
     @torch.no_grad()
     def sample(self, n: int, t: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Ancestral samples: (x (n, 1, H, W), pa (n, P) data units); t is the image prior's temperature."""
-        device = next(self.parameters()).device
-        v = torch.zeros(n, len(self._col), device=device)
-        for name, mech in self.attributes.items():
-            i = self._col[name]
-            v[:, i : i + 1] = mech.forward_map(torch.randn(n, 1, device=device), self._context(name, v))
-        pa = self.transform.denormalise(v)
-        x = self.image.sample(self.image_parents(v), t)
+        pa = self.sample_parents(n)
+        x = self.image.sample(self.image_parents(self.transform.normalise(pa)), t)
         return x, pa

@@ -57,9 +57,8 @@ class VariableTransform:
                 f"do({name} := {value:g}) is outside the observed support [{low:g}, {high:g}] of {name}"
             )
 
-    def save(self, path: Path) -> None:
-        data = {"names": list(self.names), "low": self.low.tolist(), "high": self.high.tolist()}
-        path.write_text(json.dumps(data, indent=2))
+    def to_json(self) -> str:
+        return json.dumps({"names": list(self.names), "low": self.low.tolist(), "high": self.high.tolist()}, indent=2)
 
     @classmethod
     def load(cls, path: Path) -> VariableTransform:

@@ -36,12 +36,12 @@ from pydantic import Field, PositiveFloat, ValidationError, field_validator
 from torch.utils.data import Dataset
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.core.data import SPLITS, Split
 from causalimg.core.regions import Partitioner
 from causalimg.core.schema import Structure, VariableSchema
 from causalimg.errors import ConfigError, DataError
 from causalimg.plugins.specs import DatasetSpec
+from causalimg.strict import StrictModel
 
 MANIFEST = "dataset.json"  # a folder's own description; config fields override it
 

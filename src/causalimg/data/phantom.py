@@ -28,7 +28,6 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from torch.utils.data import Dataset
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.core.data import Split
 from causalimg.core.regions import Partitioner
 from causalimg.core.schema import Structure, Variable, VariableSchema
@@ -36,6 +35,7 @@ from causalimg.data import phantom_geometry as geo
 from causalimg.data import phantom_render as render
 from causalimg.errors import CausalImgError, ConfigError, DataError, InterventionError
 from causalimg.plugins.specs import DatasetSpec
+from causalimg.strict import StrictModel
 
 GENERATOR_VERSION = 1  # bump when the generative model changes: it invalidates caches
 CHUNK = 64  # images rendered per vectorised call

@@ -24,10 +24,10 @@ from einops import reduce
 from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from causalimg.config.base import StrictModel
 from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
 from causalimg.errors import ConfigError
 from causalimg.predictors.frozen import freeze
+from causalimg.strict import StrictModel
 
 
 class GuidanceConfig(StrictModel):

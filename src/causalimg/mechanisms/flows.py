@@ -15,9 +15,9 @@ from pydantic import PositiveInt
 from torch import nn
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.errors import ConfigError
 from causalimg.plugins.specs import AttributeMechanismSpec
+from causalimg.strict import StrictModel
 
 
 class SplineFlowConfig(StrictModel):

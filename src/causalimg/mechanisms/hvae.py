@@ -9,7 +9,6 @@ so predicting under the factual parents returns x.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,11 +17,11 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.core.mechanism import Exogenous
 from causalimg.errors import ConfigError
 from causalimg.mechanisms.hvae_blocks import Decoder, DiscretisedGaussian, Encoder
 from causalimg.plugins.specs import ImageMechanismSpec
+from causalimg.strict import StrictModel
 
 Resolution = tuple[int, int]
 
@@ -189,13 +188,14 @@ class HVAE(nn.Module):
         return loc, log_scale, kls, zs
 
     def loss(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image (B,) nelbo = nll + beta * kl, each in nats per pixel."""
+        """Per-image (B,) ``loss`` = ``nelbo`` = nll + beta * kl, each in nats per pixel."""
         self._check(x, pa)
         loc, log_scale, kls, _ = self._decode(pa, x=x)
         pixels = x[0].numel()
         nll = DiscretisedGaussian.nll(x.float(), loc, log_scale).flatten(1).mean(1)
         kl = sum(k.flatten(1).sum(1) for k in kls) / pixels if kls else torch.zeros_like(nll)
-        return {"nelbo": nll + self.beta * kl, "nll": nll, "kl": kl}
+        nelbo = nll + self.beta * kl
+        return {"loss": nelbo, "nelbo": nelbo, "nll": nll, "kl": kl}
 
     def abduct(self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0) -> Exogenous:
         """Posterior latents (noise scaled by t) and pixel noise u = (x - loc) / scale under pa."""
@@ -225,11 +225,6 @@ class HVAE(nn.Module):
         self._check(x, pa)
         loc, _, _, _ = self._decode(pa, x=x, t=0.0)
         return loc.clamp(-1, 1)
-
-
-def bits_per_dim(nats_per_pixel: torch.Tensor) -> torch.Tensor:
-    """Nats per pixel -> bits per dimension (one channel)."""
-    return nats_per_pixel / math.log(2)
 
 
 @causalimg.hookimpl

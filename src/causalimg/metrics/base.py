@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from einops import repeat
+from einops import reduce, repeat
 
 from causalimg.core.schema import VariableSchema
 from causalimg.core.transform import VariableTransform
@@ -58,9 +58,7 @@ class DSCMCounterfactuals:
     @torch.no_grad()
     def counterfactual(self, x: torch.Tensor, pa: torch.Tensor, do: Do) -> tuple[torch.Tensor, torch.Tensor]:
         pa_cf = self.dscm.counterfactual_parents(pa, do) if do else pa
-        exogenous = self._abduct(x, pa)
-        pa_norm = self.dscm.transform.normalise(pa_cf)
-        return self.dscm.image.predict(exogenous, self.dscm.image_parents(pa_norm)), pa_cf
+        return self.dscm.predict(self._abduct(x, pa), pa_cf), pa_cf
 
 
 class TrueCounterfactual(Protocol):
@@ -205,15 +203,84 @@ def mean_ci(values: torch.Tensor) -> dict[str, float]:
     return {"mean": mean, "ci95": t_quantile_975(n - 1) * float(values.std()) / math.sqrt(n), "n": n}
 
 
-def region_of(variable_index: int, num_regions: int) -> int:
-    """Area variables are structure-major (``VariableSchema.areas``): v -> its region index."""
-    return variable_index % num_regions
+def error_masks(schema: VariableSchema) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V_do, V_measured) bool masks over the area variables: the intervened variable itself, and its
+    structure's regions."""
+    v = len(schema.areas)
+    eye = torch.eye(v, dtype=torch.bool)
+    same = torch.zeros_like(eye)
+    for i in range(v):
+        same[i, list(schema.same_structure(i))] = True
+    return eye, same
 
 
-def same_structure(variable_index: int, num_regions: int) -> range:
-    """Indices of the variables of the same structure as ``variable_index`` (all its regions)."""
-    first = variable_index - region_of(variable_index, num_regions)
-    return range(first, first + num_regions)
+def per_image_errors(errors: torch.Tensor, schema: VariableSchema) -> dict[str, torch.Tensor]:
+    """Per-image headline errors from (N, P_do, P_measured): ``intervened`` and ``off_target``, (N,) each.
+
+    Where no value is missing, the mean over images of the paired differences of two strategies is
+    the difference of their ``error_summary`` headlines.
+    """
+    eye, same = error_masks(schema)
+    several = len(schema.regions) > 1
+    return {
+        "intervened": errors[:, eye].nanmean(1),
+        "off_target": errors[:, same & ~eye].nanmean(1) if several else torch.full(errors.shape[:1], torch.nan),
+    }
+
+
+def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
+    """Summaries of per-image errors (N, P_do, P_measured) in the layout of Table 1.
+
+    ``cells[do][measured]`` holds mean, ci95 and n; ``intervened`` averages the diagonal,
+    ``off_target`` the other regions of the intervened structure, ``off_target_all`` every
+    non-intervened variable.
+    """
+    names, k = info.variables, len(info.region_names)
+    cells = {do: {measured: mean_ci(errors[:, i, j]) for j, measured in enumerate(names)} for i, do in enumerate(names)}
+    per_do = errors.nanmean(0)  # (P_do, P_measured); NaN rows: no ground truth for that image
+    eye, same = error_masks(info.schema)
+    return {
+        "cells": cells,
+        "intervened": float(per_do[eye].nanmean()),
+        "off_target": float(per_do[same & ~eye].nanmean()) if k > 1 else float("nan"),
+        "off_target_all": float(per_do[~eye].nanmean()),
+        "intervened_by_variable": {name: float(per_do[i, i]) for i, name in enumerate(names)},
+        "off_target_by_variable": {
+            name: float(per_do[i][same[i] & ~eye[i]].nanmean()) if k > 1 else float("nan")
+            for i, name in enumerate(names)
+        },
+    }
+
+
+def l1_255(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image mean |a - b| in 0-255 units: (B, 1, H, W) x2 -> (B,)."""
+    return reduce((to_255(a) - to_255(b)).abs(), "b c h w -> b", "mean")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One number of the report's summary table."""
+
+    name: str
+    value: float
+    higher_is_better: bool = False
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """What a metric contributes to the report; the report knows no metric by name.
+
+    columns:     its numbers in the summary table, and ``note``, the sentence that explains them
+    table_title: set when its summary holds per-intervention ``cells`` (``error_summary``): a Table 1
+    paired_rows: its rows column of per-image (N, V_do, V) errors, for paired differences between
+                 strategies; ``measured_by`` names what measured them
+    """
+
+    columns: tuple[Column, ...] = ()
+    note: str = ""
+    table_title: str | None = None
+    paired_rows: str | None = None
+    measured_by: str = ""
 
 
 class Metric(Protocol):
@@ -222,6 +289,8 @@ class Metric(Protocol):
     def __call__(self, model: CounterfactualModel, batch: Mapping[str, Any], context: EvalContext) -> Rows: ...
 
     def aggregate(self, rows: Rows, info: EvalInfo) -> dict[str, Any]: ...
+
+    def report(self, summary: Mapping[str, Any], info: EvalInfo) -> ReportEntry: ...
 
 
 class Gatherer(Protocol):
@@ -259,19 +328,3 @@ def collect_rows(
 def summarise(metrics: Mapping[str, Metric], rows: Mapping[str, Rows], info: EvalInfo) -> dict[str, dict[str, Any]]:
     """Every metric's JSON-able summary of its gathered rows."""
     return {name: metric.aggregate(dict(rows[name]), info) for name, metric in metrics.items()}
-
-
-def evaluate(
-    metrics: Mapping[str, Metric],
-    model: CounterfactualModel,
-    batches: Iterable[Mapping[str, Any]],
-    make_context: Callable[[Mapping[str, Any]], EvalContext],
-    info: EvalInfo,
-    gatherer: Gatherer | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Run every metric on every batch, gather rows across processes, aggregate.
-
-    Every rank computes rows for its shard and ends with the same summaries.
-    """
-    _, rows = collect_rows(metrics, model, batches, make_context, gatherer)
-    return summarise(metrics, rows, info)

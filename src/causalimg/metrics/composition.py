@@ -10,23 +10,26 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from einops import reduce
 from pydantic import Field, PositiveInt
 
 import causalimg
-from causalimg.config.base import StrictModel
-from causalimg.metrics.base import CounterfactualModel, EvalContext, EvalInfo, Rows, mean_ci, to_255
+from causalimg.metrics.base import (
+    Column,
+    CounterfactualModel,
+    EvalContext,
+    EvalInfo,
+    ReportEntry,
+    Rows,
+    l1_255,
+    mean_ci,
+)
 from causalimg.plugins.specs import MetricSpec
+from causalimg.strict import StrictModel
 
 
 class CompositionConfig(StrictModel):
     name: Literal["composition"] = "composition"
     cycles: tuple[PositiveInt, ...] = Field((1, 10), min_length=1)
-
-
-def l1_255(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image mean |a - b| in 0-255 units: (B, 1, H, W) x2 -> (B,)."""
-    return reduce((to_255(a) - to_255(b)).abs(), "b c h w -> b", "mean")
 
 
 class Composition:
@@ -51,6 +54,12 @@ class Composition:
 
     def aggregate(self, rows: Rows, info: EvalInfo) -> dict[str, Any]:
         return {column: mean_ci(values) for column, values in rows.items()}
+
+    def report(self, summary: Mapping[str, Any], info: EvalInfo) -> ReportEntry:
+        return ReportEntry(
+            columns=tuple(Column(f"composition x{c}", summary[f"l1_{c}"]["mean"]) for c in self.cycles),
+            note="composition xn: L1 (0-255) between x and the null intervention applied n times.",
+        )
 
 
 @causalimg.hookimpl

@@ -14,59 +14,22 @@ from typing import Any, Literal
 import torch
 
 import causalimg
-from causalimg.config.base import StrictModel
-from causalimg.metrics.base import CounterfactualModel, EvalContext, EvalInfo, Rows, mean_ci, same_structure
+from causalimg.metrics.base import (
+    Column,
+    CounterfactualModel,
+    EvalContext,
+    EvalInfo,
+    ReportEntry,
+    Rows,
+    error_summary,
+    mean_ci,
+)
 from causalimg.plugins.specs import MetricSpec
+from causalimg.strict import StrictModel
 
 
 class EffectivenessConfig(StrictModel):
     name: Literal["effectiveness"] = "effectiveness"
-
-
-def error_masks(num_variables: int, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P_do, P_measured) bool masks: the intervened variable itself, and its structure's regions."""
-    eye = torch.eye(num_variables, dtype=torch.bool)
-    same = torch.zeros_like(eye)
-    for i in range(num_variables):
-        same[i, list(same_structure(i, num_regions))] = True
-    return eye, same
-
-
-def per_image_errors(errors: torch.Tensor, num_regions: int) -> dict[str, torch.Tensor]:
-    """Per-image headline errors from (N, P_do, P_measured): ``intervened`` and ``off_target``, (N,) each.
-
-    Where no value is missing, the mean over images of the paired differences of two strategies is
-    the difference of their ``error_summary`` headlines.
-    """
-    eye, same = error_masks(errors.shape[1], num_regions)
-    return {
-        "intervened": errors[:, eye].nanmean(1),
-        "off_target": errors[:, same & ~eye].nanmean(1) if num_regions > 1 else torch.full(errors.shape[:1], torch.nan),
-    }
-
-
-def error_summary(errors: torch.Tensor, info: EvalInfo) -> dict[str, Any]:
-    """Summaries of per-image errors (N, P_do, P_measured) in the layout of Table 1.
-
-    ``cells[do][measured]`` holds mean, ci95 and n; ``intervened`` averages the diagonal,
-    ``off_target`` the other regions of the intervened structure, ``off_target_all`` every
-    non-intervened variable.
-    """
-    names, k = info.variables, len(info.region_names)
-    cells = {do: {measured: mean_ci(errors[:, i, j]) for j, measured in enumerate(names)} for i, do in enumerate(names)}
-    per_do = errors.nanmean(0)  # (P_do, P_measured); NaN rows: no ground truth for that image
-    eye, same = error_masks(len(names), k)
-    return {
-        "cells": cells,
-        "intervened": float(per_do[eye].nanmean()),
-        "off_target": float(per_do[same & ~eye].nanmean()) if k > 1 else float("nan"),
-        "off_target_all": float(per_do[~eye].nanmean()),
-        "intervened_by_variable": {name: float(per_do[i, i]) for i, name in enumerate(names)},
-        "off_target_by_variable": {
-            name: float(per_do[i][same[i] & ~eye[i]].nanmean()) if k > 1 else float("nan")
-            for i, name in enumerate(names)
-        },
-    }
 
 
 class Effectiveness:
@@ -95,6 +58,20 @@ class Effectiveness:
             name: mean_ci(rows["factual_abs_error"][:, i]) for i, name in enumerate(info.variables)
         }
         return summary
+
+    def report(self, summary: Mapping[str, Any], info: EvalInfo) -> ReportEntry:
+        unit = info.schema.areas[0].unit
+        return ReportEntry(
+            columns=(
+                Column("intervened (eval seg)", summary["intervened"]),
+                Column("off-target (eval seg)", summary["off_target"]),
+            ),
+            note=f"eval seg: the evaluation segmentor's area on x~ against the target ({unit}; mean over the "
+            f"{len(info.variables)} interventions; off-target: the intervened structure in the other regions).",
+            table_title=f"Table 1: effectiveness by the evaluation segmentor ({unit})",
+            paired_rows="abs_error",
+            measured_by="evaluation segmentor",
+        )
 
 
 @causalimg.hookimpl

@@ -23,10 +23,19 @@ import torch
 from einops import reduce
 
 import causalimg
-from causalimg.config.base import StrictModel
-from causalimg.metrics.base import CounterfactualModel, EvalContext, EvalInfo, Rows, mean_ci, region_of, to_255
-from causalimg.metrics.effectiveness import error_summary
+from causalimg.metrics.base import (
+    Column,
+    CounterfactualModel,
+    EvalContext,
+    EvalInfo,
+    ReportEntry,
+    Rows,
+    error_summary,
+    mean_ci,
+    to_255,
+)
 from causalimg.plugins.specs import MetricSpec
+from causalimg.strict import StrictModel
 
 
 class GroundTruthConfig(StrictModel):
@@ -55,8 +64,7 @@ class GroundTruth:
         if context.true_counterfactual is None:
             return {}
         sweep = context.sweep(model, batch)
-        b, _p = sweep.targets.shape
-        k = len(context.info.region_names)
+        b = sweep.targets.shape[0]
         regions = context.regions.expand(b, -1, -1, -1)  # (B, K, H, W)
         area_error, floor, mae_in, mae_out, psnr_in, psnr_out, unreachable = [], [], [], [], [], [], []
         for v, name in enumerate(context.info.variables):
@@ -67,7 +75,7 @@ class GroundTruth:
             true_areas = context.info.schema.measure(true_masks, context.regions, context.pixel_area_mm2)  # (B, V)
             area_error.append((context.measure(x_cf) - true_areas).abs())
             floor.append((context.measure(true_image.nan_to_num()) - true_areas).abs())  # NaN rows stay NaN
-            inside = regions[:, region_of(v, k)].unsqueeze(1).to(x_cf)  # (B, 1, H, W)
+            inside = regions[:, context.info.schema.area_region(v)].unsqueeze(1).to(x_cf)  # (B, 1, H, W)
             mae, psnr = masked_errors(x_cf, true_image, inside)
             mae_in.append(mae)
             psnr_in.append(psnr)
@@ -101,6 +109,29 @@ class GroundTruth:
             for column in ("mae_in", "mae_out", "psnr_in", "psnr_out")
         }
         return summary
+
+    def report(self, summary: Mapping[str, Any], info: EvalInfo) -> ReportEntry:
+        if not summary.get("available"):
+            return ReportEntry(note="true cf: not available (the data set has no true counterfactuals).")
+        unit, floor, image = info.schema.areas[0].unit, summary["segmentor_floor"], summary["image_mean"]
+        return ReportEntry(
+            columns=(
+                Column("intervened (true cf)", summary["intervened"]),
+                Column("off-target (true cf)", summary["off_target"]),
+                Column("segmentor floor, intervened (true cf)", floor["intervened"]),
+                Column("segmentor floor, off-target (true cf)", floor["off_target"]),
+                Column("MAE in (0-255)", image["mae_in"]),
+                Column("MAE out (0-255)", image["mae_out"]),
+                Column("PSNR in (dB)", image["psnr_in"], higher_is_better=True),
+                Column("PSNR out (dB)", image["psnr_out"], higher_is_better=True),
+            ),
+            note=f"true cf: the evaluation segmentor's area on x~ against the TRUE counterfactual's ({unit}); "
+            "segmentor floor: the same segmentor's error on the true counterfactual image itself; MAE and PSNR: "
+            "x~ against the true counterfactual image inside and outside the intervened region.",
+            table_title=f"Table 1 (ground truth): evaluation-segmentor areas on x~ vs the TRUE counterfactual ({unit})",
+            paired_rows="area_error",
+            measured_by="true counterfactual",
+        )
 
 
 @causalimg.hookimpl

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 
 import causalimg
-from causalimg.config.base import StrictModel
-from causalimg.metrics.base import CounterfactualModel, EvalContext, EvalInfo, Rows
+from causalimg.metrics.base import Column, CounterfactualModel, EvalContext, EvalInfo, ReportEntry, Rows
 from causalimg.plugins.specs import MetricSpec
+from causalimg.strict import StrictModel
 
 
 class RealismConfig(StrictModel):
@@ -64,6 +64,13 @@ class Realism:
             "by_variable": {n: frechet_distance(real, cf[:, i]) for i, n in enumerate(info.variables)},
             "n": int(real.shape[0]),
         }
+
+    def report(self, summary: Mapping[str, Any], info: EvalInfo) -> ReportEntry:
+        return ReportEntry(
+            columns=(Column("realism FD", summary["fd"]),),
+            note=f"realism FD: Fréchet distance of evaluation-segmentor features, counterfactuals vs real images "
+            f"(between two halves of the real images: {summary['fd_real_halves']:.3g}).",
+        )
 
 
 @causalimg.hookimpl

@@ -14,10 +14,18 @@ from typing import Any, Literal
 import torch
 
 import causalimg
-from causalimg.config.base import StrictModel
-from causalimg.metrics.base import CounterfactualModel, EvalContext, EvalInfo, Rows, mean_ci
-from causalimg.metrics.composition import l1_255
+from causalimg.metrics.base import (
+    Column,
+    CounterfactualModel,
+    EvalContext,
+    EvalInfo,
+    ReportEntry,
+    Rows,
+    l1_255,
+    mean_ci,
+)
 from causalimg.plugins.specs import MetricSpec
+from causalimg.strict import StrictModel
 
 
 class ReversibilityConfig(StrictModel):
@@ -51,6 +59,12 @@ class Reversibility:
             "by_variable": {n: mean_ci(l1[:, i]) for i, n in enumerate(info.variables)},
             "outside_support": {n: int(l1[:, i].isnan().sum()) for i, n in enumerate(info.variables)},
         }
+
+    def report(self, summary: Mapping[str, Any], info: EvalInfo) -> ReportEntry:
+        return ReportEntry(
+            columns=(Column("reversibility", summary["l1"]["mean"]),),
+            note="reversibility: L1 (0-255) between x and x after an intervention and its reversal.",
+        )
 
 
 @causalimg.hookimpl

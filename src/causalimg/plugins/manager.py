@@ -35,10 +35,10 @@ from typing import Literal
 import pluggy
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.errors import ConfigError, PluginError
 from causalimg.plugins import hookspecs
 from causalimg.plugins.specs import SPEC_KINDS, PluginSpec
+from causalimg.strict import StrictModel
 
 PROJECT = "causalimg"
 ENTRY_POINT_GROUP = "causalimg"
@@ -250,7 +250,7 @@ def _checked_record(record: object, expected: type[PluginSpec], origin: PluginOr
     if not _NAME_PATTERN.match(record.name):
         raise PluginError(f"{where}: name {record.name!r} must be lower case letters, digits, '.', '_' or '-'")
     if not (isinstance(record.config, type) and issubclass(record.config, StrictModel)):
-        raise PluginError(f"{where}: config of {record.name!r} must subclass causalimg.config.base.StrictModel")
+        raise PluginError(f"{where}: config of {record.name!r} must subclass causalimg.strict.StrictModel")
     annotation = record.config.model_fields["name"].annotation
     if typing.get_origin(annotation) is not Literal or typing.get_args(annotation) != (record.name,):
         raise PluginError(

@@ -10,24 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from causalimg.config.base import StrictModel
 from causalimg.core.transform import VariableTransform
 from causalimg.errors import ConfigError
+from causalimg.strict import StrictModel
 
 
 class RegressorConfig(StrictModel):
     """Which timm architecture; trained from scratch on one channel (no downloads)."""
 
-    arch: str = "resnet18"
+    model: str = "resnet18"  # a timm model name
     loss: Literal["l1", "l2"] = "l2"
 
 
 def build_regressor(config: RegressorConfig, num_outputs: int) -> nn.Module:
     """(B, 1, H, W) image -> (B, num_outputs) normalised variables."""
     try:
-        return timm.create_model(config.arch, pretrained=False, in_chans=1, num_classes=num_outputs)
+        return timm.create_model(config.model, pretrained=False, in_chans=1, num_classes=num_outputs)
     except RuntimeError as err:  # timm's "Unknown model"
-        raise ConfigError(f"regressor.arch {config.arch!r} is not a timm model: {err}") from err
+        raise ConfigError(f"predictors.regressor.model {config.model!r} is not a timm model: {err}") from err
 
 
 def regressor_objective(

@@ -15,9 +15,9 @@ import torch
 from pydantic import model_validator
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.errors import DataError
 from causalimg.plugins.specs import PartitionerSpec
+from causalimg.strict import StrictModel
 
 THIRDS: tuple[str, ...] = ("proximal", "mid", "distal")
 

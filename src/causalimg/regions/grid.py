@@ -10,8 +10,8 @@ from einops import rearrange
 from pydantic import PositiveInt
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.plugins.specs import PartitionerSpec
+from causalimg.strict import StrictModel
 
 
 class GridConfig(StrictModel):

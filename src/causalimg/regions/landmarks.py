@@ -15,10 +15,10 @@ import torch
 from pydantic import model_validator
 
 import causalimg
-from causalimg.config.base import StrictModel
 from causalimg.errors import DataError
 from causalimg.plugins.specs import PartitionerSpec
 from causalimg.regions.axial import THIRDS, axial_masks
+from causalimg.strict import StrictModel
 
 
 class LandmarksConfig(StrictModel):

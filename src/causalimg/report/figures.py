@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from causalimg.core.schema import VariableSchema
 from causalimg.io import atomic_path
 
 
@@ -84,18 +85,19 @@ def figure1(
     return Path(path)
 
 
-def error_bars(results: Mapping[str, Mapping[str, float]], variables: Sequence[str], path: Path, title: str) -> Path:
+def error_bars(results: Mapping[str, Mapping[str, float]], schema: VariableSchema, path: Path, title: str) -> Path:
     """Grouped bars of the intervened-region error per intervention, one colour per strategy.
 
-    results: strategy -> variable -> mean error (mm^2).
+    results: strategy -> area variable -> mean error.
     """
-    fig, ax = plt.subplots(figsize=(10, 3.2))
+    variables = schema.area_names
+    fig, ax = plt.subplots(figsize=(max(10.0, 0.9 * len(variables)), 3.2))
     width = 0.8 / max(len(results), 1)
     positions = np.arange(len(variables))
     for i, (strategy, errors) in enumerate(results.items()):
         ax.bar(positions + i * width, [errors[v] for v in variables], width, label=strategy)
-    ax.set_xticks(positions + 0.4 - width / 2, [v.replace("_", "-") for v in variables], fontsize=8)
-    ax.set_ylabel("error (mm^2)")
+    ax.set_xticks(positions + 0.4 - width / 2, [schema.display(v) for v in variables], fontsize=8)
+    ax.set_ylabel(f"error ({schema.areas[0].unit})")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -9,17 +9,15 @@ test a reader wants: an interval that excludes 0 says which strategy is better o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import combinations, pairwise
 
 import torch
 
-from causalimg.metrics.base import mean_ci
-from causalimg.metrics.effectiveness import per_image_errors
-from causalimg.report.tables import PAPER_ORDER, Cell, Table
+from causalimg.core.schema import VariableSchema
+from causalimg.metrics.base import mean_ci, per_image_errors
+from causalimg.report.tables import Cell, Table
 
-# (rows key in rows.safetensors, how the table names it)
-MEASURED_BY = (("effectiveness/abs_error", "evaluation segmentor"), ("ground-truth/area_error", "true counterfactual"))
 QUANTITIES = ("intervened", "off_target")
 
 
@@ -33,20 +31,23 @@ def aligned(index_a: torch.Tensor, index_b: torch.Tensor) -> tuple[torch.Tensor,
     )
 
 
-def paired_differences(rows: Mapping[str, Mapping[str, torch.Tensor]], num_regions: int) -> list[dict]:
+def paired_differences(
+    rows: Mapping[str, Mapping[str, torch.Tensor]], schema: VariableSchema, measured_by: Mapping[str, str]
+) -> list[dict]:
     """For every pair of strategies (later minus earlier, in the given order), per measurement source:
     the mean per-image difference of the intervened and off-target errors with its 95 % interval.
 
-    rows: label -> the flat contents of its ``rows.safetensors`` (``index`` plus ``metric/column``).
+    rows: label -> the flat contents of its ``rows.safetensors`` (``index`` plus ``metric/column``);
+    measured_by: rows key of per-image (N, V_do, V) errors -> how tables name what measured them.
     """
     out = []
     for earlier, later in combinations(rows, 2):
         a, b = aligned(rows[later]["index"], rows[earlier]["index"])
-        for key, source in MEASURED_BY:
+        for key, source in measured_by.items():
             if key not in rows[later] or key not in rows[earlier]:
                 continue
-            errors_later = per_image_errors(rows[later][key][a], num_regions)
-            errors_earlier = per_image_errors(rows[earlier][key][b], num_regions)
+            errors_later = per_image_errors(rows[later][key][a], schema)
+            errors_earlier = per_image_errors(rows[earlier][key][b], schema)
             entry = {"later": later, "earlier": earlier, "measured_by": source}
             for quantity in QUANTITIES:
                 entry[quantity] = mean_ci(errors_later[quantity] - errors_earlier[quantity])
@@ -58,13 +59,15 @@ def excludes_zero(stat: Mapping[str, float]) -> bool:
     return not math.isnan(stat["ci95"]) and abs(stat["mean"]) > stat["ci95"]
 
 
-def paired_table(differences: list[dict]) -> Table:
+def paired_table(differences: list[dict], schema: VariableSchema) -> Table:
+    unit = schema.areas[0].unit
     table = Table(
-        "Paired differences between strategies (mm^2, same images and targets)",
+        f"Paired differences between strategies ({unit}, same images and targets)",
         ("comparison", "measured by"),
         ("intervened diff", "intervened 95% CI", "off-target diff", "off-target 95% CI"),
-        note="Mean over test images of (later strategy's error - earlier strategy's), each image averaged over the "
-        "9 interventions; negative: the later strategy errs less. Bold: the 95% interval excludes 0.",
+        note="Mean over the evaluated images of (later strategy's error - earlier strategy's), each image averaged "
+        f"over the {len(schema.areas)} interventions; negative: the later strategy errs less. Bold: the 95% "
+        "interval excludes 0.",
     )
     for d in differences:
         cells = []
@@ -75,7 +78,7 @@ def paired_table(differences: list[dict]) -> Table:
     return table
 
 
-def paired_findings(differences: list[dict], first: str, second: str) -> list[str]:
+def paired_findings(differences: list[dict], first: str, second: str, unit: str = "mm^2") -> list[str]:
     """Sentences on ``first`` minus ``second``, by each measurement source (none if never paired)."""
     lines = []
     for d in differences:
@@ -86,11 +89,11 @@ def paired_findings(differences: list[dict], first: str, second: str) -> list[st
         for quantity, what in zip(QUANTITIES, ("intervened", "off-target")):
             mean, ci = sign * d[quantity]["mean"], d[quantity]["ci95"]
             verdict = ("lower" if mean < 0 else "higher") if excludes_zero(d[quantity]) else "no clear difference"
-            parts.append(f"{what} {mean:+.2f} ± {ci:.2f} mm^2 ({verdict})")
+            parts.append(f"{what} {mean:+.2f} ± {ci:.2f} {unit} ({verdict})")
         lines.append(f"{first} - {second}, paired over images, by the {d['measured_by']}: " + "; ".join(parts) + ".")
     return lines
 
 
-def paper_order_findings(differences: list[dict]) -> list[str]:
-    """The paired verdicts behind the paper's ordering: each strategy against the next in ``PAPER_ORDER``."""
-    return [line for first, second in pairwise(PAPER_ORDER) for line in paired_findings(differences, first, second)]
+def ordering_findings(differences: list[dict], ordering: Sequence[str], unit: str = "mm^2") -> list[str]:
+    """The paired verdicts behind an expected ordering (``report.ordering``): each strategy against the next."""
+    return [line for first, second in pairwise(ordering) for line in paired_findings(differences, first, second, unit)]

@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from causalimg.core.schema import VariableSchema
+from causalimg.metrics.base import ReportEntry
 
 INTERVENED_MARK = "†"
-
-# The paper's ordering claim: on the intervened region, positional segmentor < regressor < none.
-PAPER_ORDER: tuple[str, ...] = ("positional-segmentor", "regressor", "none")
 
 
 @dataclass
@@ -133,49 +131,33 @@ def intervention_table(summaries: Mapping[str, Mapping[str, Any]], schema: Varia
     return table
 
 
-def summary_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
-    """One row per strategy: the headline numbers of every metric, lower is better except PSNR."""
-    columns = {
-        "intervened (eval seg)": ("effectiveness", "intervened"),
-        "off-target (eval seg)": ("effectiveness", "off_target"),
-        "intervened (true cf)": ("ground-truth", "intervened"),
-        "off-target (true cf)": ("ground-truth", "off_target"),
-        "segmentor floor, intervened (true cf)": ("ground-truth", "segmentor_floor", "intervened"),
-        "segmentor floor, off-target (true cf)": ("ground-truth", "segmentor_floor", "off_target"),
-        "MAE in (0-255)": ("ground-truth", "image_mean", "mae_in"),
-        "MAE out (0-255)": ("ground-truth", "image_mean", "mae_out"),
-        "PSNR in (dB)": ("ground-truth", "image_mean", "psnr_in"),
-        "PSNR out (dB)": ("ground-truth", "image_mean", "psnr_out"),
-        "composition x1": ("composition", "l1_1", "mean"),
-        "composition x10": ("composition", "l1_10", "mean"),
-        "reversibility": ("reversibility", "l1", "mean"),
-        "realism FD": ("realism", "fd"),
-    }
-    present = {
-        name: path for name, path in columns.items() if any(_lookup(r, path) is not None for r in results.values())
-    }
-    table = Table(
-        "Summary per strategy",
-        ("strategy",),
-        tuple(present),
-        note="Areas in mm^2 (means over the 9 interventions); image errors against the true counterfactual "
-        "inside / outside the intervened region; composition and reversibility are L1 in 0-255 units; "
-        "bold: best in column (highest for PSNR).",
-    )
-    for label, result in results.items():
-        cells = [Cell(_number(_lookup(result, path))) for path in present.values()]
-        table.rows.append(((label,), cells))
-    for j, name in enumerate(present):
-        values = [cells[j].value for _, cells in table.rows if not math.isnan(cells[j].value)]
-        if values:
-            best = max(values) if name.startswith("PSNR") else min(values)
+def summary_table(entries: Mapping[str, Sequence[ReportEntry]]) -> Table:
+    """One row per strategy, one column per number the metrics report; best per column in bold.
+
+    entries: strategy label -> the ``ReportEntry`` of every metric it was evaluated with.
+    """
+    names: dict[str, bool] = {}  # column -> higher is better, in the order the metrics give them
+    notes: dict[str, None] = {}
+    for metric_entries in entries.values():
+        for entry in metric_entries:
+            names.update({c.name: c.higher_is_better for c in entry.columns})
+            if entry.note:
+                notes[entry.note] = None
+    table = Table("Summary per strategy", ("strategy",), tuple(names), note=" ".join(notes))
+    for label, metric_entries in entries.items():
+        reported = {c.name: c.value for entry in metric_entries for c in entry.columns}
+        table.rows.append(((label,), [Cell(_number(reported.get(name))) for name in names]))
+    for j, higher in enumerate(names.values()):
+        present = [cells[j].value for _, cells in table.rows if not math.isnan(cells[j].value)]
+        if present:
+            best = max(present) if higher else min(present)
             for _, cells in table.rows:
                 cells[j].best = cells[j].value == best
     return table
 
 
 def ordering_count(
-    summaries: Mapping[str, Mapping[str, Any]], variables: Sequence[str], order: Sequence[str] = PAPER_ORDER
+    summaries: Mapping[str, Mapping[str, Any]], variables: Sequence[str], order: Sequence[str]
 ) -> int | None:
     """Interventions whose intervened-region error is strictly increasing along ``order``.
 
@@ -190,62 +172,5 @@ def ordering_count(
     return count
 
 
-def _lookup(result: Mapping[str, Any], path: Sequence[str]) -> Any:
-    value: Any = result
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
-
-
-# The paper's strategy names -> our strategy labels.
-PAPER_LABELS: dict[str, str] = {"No-CFT": "none", "Reg-CFT": "regressor", "Pos-Seg-CFT": "positional-segmentor"}
-
-
-def paper_comparison(paper_csv: str, summaries: Mapping[str, Mapping[str, Any]], schema: VariableSchema) -> Table:
-    """Our intervened-region errors beside the paper's, as ratios to No-CFT (absolute values differ:
-    the paper's data is private CCTA).
-
-    paper_csv: the text of a CSV with columns intervention (``do(NCPA-proximal)``), cft_type
-    (``No-CFT``, ``Reg-CFT``, ``Pos-Seg-CFT``) and one column per region, like the paper's Table 1.
-    summaries: our strategy label -> ``effectiveness`` (or ``ground-truth``) summary.
-    """
-    paper: dict[tuple[str, str], dict[str, str]] = {}
-    for row in csv.DictReader(io.StringIO(paper_csv)):
-        paper[(row["intervention"], PAPER_LABELS.get(row["cft_type"], row["cft_type"]))] = row
-    columns = ("paper reg/none", "ours reg/none", "paper pos/none", "ours pos/none")
-    table = Table(
-        "Intervened-region error relative to No-CFT: the paper vs this run",
-        ("intervention",),
-        columns,
-        note="Ratios of the intervened-region error to No-CFT's (lower is better); the paper's values are from "
-        "its Table 1 on private CCTA data, ours from the evaluation segmentor on the phantom.",
-    )
-    for do in schema.area_names:
-        name = f"do({schema.display(do)})"
-        region = schema.variable(do).region
-        ours = {
-            label: summaries[label]["cells"][do][do]["mean"]
-            for label in ("none", "regressor", "positional-segmentor")
-            if label in summaries
-        }
-        theirs = {
-            label: float(paper[(name, label)][region]) for label in PAPER_LABELS.values() if (name, label) in paper
-        }
-
-        def ratio(values: dict[str, float], label: str) -> float:
-            return values[label] / values["none"] if label in values and values.get("none") else math.nan
-
-        cells = [
-            Cell(ratio(theirs, "regressor")),
-            Cell(ratio(ours, "regressor")),
-            Cell(ratio(theirs, "positional-segmentor")),
-            Cell(ratio(ours, "positional-segmentor")),
-        ]
-        table.rows.append(((name,), cells))
-    return table

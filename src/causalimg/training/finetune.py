@@ -6,12 +6,13 @@ One step on a factual batch (x, pa, regions):
   2. pa~ = DSCM.counterfactual_parents(pa, do): descendants move through their flows;
   3. abduct z from (x, pa) at ``temperature``, decode x~ = g(z, pa~);
   4. guidance G = sum of the strategy's weighted terms on (x~, pa~, x, pa, regions);
-  5. keep the factual nelbo N from degrading, with slack s = eps - N:
+  5. keep the factual objective N (the image mechanism's ``loss``, the HVAE's nelbo) from
+     degrading, with slack s = eps - N:
        lagrangian:  loss = G - (lambda - damping * sg(s)) * s
                     lambda <- max(0, lambda - lagrange_lr * s)   (gradient ascent: dloss/dlambda = -s,
                     applied before the next batch)
        fixed:       loss = G + weight * N
-     eps is the pretrained model's train-set nelbo (``measure_nelbo``, eval mode).
+     eps is the pretrained model's train-set objective (``measure_nelbo``, eval mode).
 
 ``CounterfactualFineTuning`` is the module the shared training loop (``training.loop.fit``)
 trains: it holds the DSCM, the frozen guidance strategies and the multiplier lambda (a buffer, so
@@ -19,42 +20,23 @@ checkpoints and resumes keep it). Only the image mechanism trains (all of it, or
 its bottom-up ``encoder``); flows and predictors never do.
 
 No-CFT (a strategy with no guidance terms) is the pretrained DSCM used as it is, the paper's
-baseline: ``finetune_dscm`` then trains nothing and writes the pretrained weights.
+baseline: the finetune stage writes the pretrained weights and trains nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import torch
-import torch.distributed as dist
-from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import Dataset
 
-from causalimg import io
-from causalimg.config.base import StrictModel
-from causalimg.config.sections import TrainConfig
-from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
+from causalimg.core.guidance import GuidanceInputs, GuidanceStrategy
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
 from causalimg.errors import ConfigError, DataError
-from causalimg.plugins.manager import Registry
 from causalimg.predictors.frozen import freeze
-from causalimg.training.loop import SUMMARY_FILE, WEIGHTS_FILE, TrainResult, fit
-
-
-def build_strategies(
-    terms: Sequence[StrictModel], registry: Registry, predictors: GuidancePredictors
-) -> list[GuidanceStrategy]:
-    """One strategy per configured guidance term (none for No-CFT); a repeated term is an error."""
-    names = [term.name for term in terms]  # type: ignore[attr-defined]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"finetune.strategies: guidance term(s) {repeated} appear twice in one strategy")
-    return [registry.get("guidance", term.name).factory(term, predictors=predictors) for term in terms]  # type: ignore[attr-defined]
+from causalimg.training.distributed import mean_over_processes
 
 
 def select_trainable(dscm: DSCM, trainable: Literal["all", "decoder"]) -> list[nn.Parameter]:
@@ -83,21 +65,13 @@ def measure_nelbo(dscm: DSCM, batches: Iterable[Mapping[str, torch.Tensor]], max
         if max_batches is not None and i >= max_batches:
             break
         x, pa = batch["image"].to(device), batch["parents"].to(device)
-        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["nelbo"]  # (B,)
+        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["loss"]  # (B,)
         total += float(nelbo.sum())
         count += nelbo.shape[0]
     dscm.train(was_training)
     if count == 0:
         raise DataError("cannot measure the pretrained nelbo: no training batches")
     return total / count
-
-
-def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
 
 
 class LagrangeMultiplier(nn.Module):
@@ -133,7 +107,7 @@ class LagrangeMultiplier(nn.Module):
         d loss / d lambda = -s, so this is gradient ascent: lambda grows while nelbo > eps. A
         non-finite slack (a skipped step, or nothing recorded) leaves lambda as it is.
         """
-        slack = _mean_over_processes(self.pending.float())
+        slack = mean_over_processes(self.pending.float())
         if torch.isfinite(slack):
             self.value.sub_(self.lr * slack.to(self.value)).clamp_(min=0.0)
         self.pending.fill_(float("nan"))
@@ -224,7 +198,7 @@ class CounterfactualFineTuning(nn.Module):
         updating = self.constraint == "lagrangian" and self.training and torch.is_grad_enabled()
         if updating:
             self.multiplier.ascend()  # the previous batch's step, before anything here can fail
-        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["nelbo"].mean()
+        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["loss"].mean()
         slack = self.eps - nelbo  # > 0 while the factual fit is at least as good as pretrained
 
         do, intervened = self.draw_intervention(pa)
@@ -253,46 +227,3 @@ class CounterfactualFineTuning(nn.Module):
             "lambda": self.multiplier.value.clone(),
             **{k: v.detach() for k, v in terms.items()},
         }
-
-
-def finetune_objective(model: nn.Module, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-    """``training.loop.fit``'s objective for a ``CounterfactualFineTuning`` model."""
-    return model(batch)
-
-
-def needs_finetuning(terms: Sequence[StrictModel]) -> bool:
-    """False for No-CFT (no guidance terms): the pretrained DSCM is the result as it is."""
-    return len(terms) > 0
-
-
-def finetune_dscm(
-    cft: CounterfactualFineTuning,
-    dataset: Dataset,
-    config: TrainConfig,
-    out_dir: Path,
-    accelerator: Accelerator,
-    *,
-    seed: int,
-    resume: bool = False,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    desc: str = "finetune",
-) -> TrainResult:
-    """Fine-tune ``cft.dscm`` in place with the shared loop; No-CFT (no strategies) keeps it as it is.
-
-    Writes ``weights.safetensors`` (the CFT module's EMA state; No-CFT: the pretrained DSCM's) and
-    ``summary.json`` into out_dir.
-    """
-    if len(cft.strategies) == 0:
-        out_dir = Path(out_dir)
-        summary = {"desc": desc, "steps": 0, "no_cft": True, "weights": WEIGHTS_FILE,
-                   "note": "No-CFT: the pretrained DSCM, unchanged"}  # fmt: skip
-        if accelerator.is_main_process:
-            io.save_tensors(out_dir / WEIGHTS_FILE, cft.dscm.state_dict())
-            io.atomic_write_json(out_dir / SUMMARY_FILE, summary)
-        accelerator.wait_for_everyone()
-        return TrainResult(weights=out_dir / WEIGHTS_FILE, summary=summary)
-    cft.train()
-    return fit(
-        cft, finetune_objective, dataset, config, out_dir, accelerator, seed=seed, parameters=cft.trainable,
-        desc=desc, resume=resume, collate_fn=collate_fn,
-    )  # fmt: skip

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from causalimg import io
 from causalimg.config.sections import TrainConfig
 from causalimg.errors import CausalImgError, DataError, TrainingError
 from causalimg.training import checkpoint as ckpt
+from causalimg.training.distributed import seed_everything
 from causalimg.training.ema import EMA
 
 Objective = Callable[[nn.Module, Any, int], Mapping[str, Tensor]]
@@ -51,8 +51,6 @@ WEIGHTS_FILE = "weights.safetensors"
 SUMMARY_FILE = "summary.json"
 MIN_STEPS_FOR_SKIP_STOP = 20  # the skip fraction is judged only once this many steps have run
 FP16_OVERFLOW = "fp16 overflow"  # the gradient scaler's normal search for its scale: not a failure
-# Fields that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "tune_malloc"})
 
 logger = logging.getLogger("causalimg.training")
 
@@ -90,12 +88,6 @@ def warmup_lr(step: int, config: TrainConfig) -> float:
 
 def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class _EpochBatches(Sampler[list[int]]):
@@ -178,7 +170,7 @@ def _raise_rank_failure(accelerator: Accelerator, error: BaseException | None, w
 
 def _check_resumable(state: Mapping[str, Any], config: TrainConfig, seed: int, where: Path) -> None:
     saved, now = state["train_config"], config.model_dump(mode="json")
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    changed = sorted(k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed or state["seed"] != seed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         if state["seed"] != seed:
@@ -285,7 +277,7 @@ class _Trainer:
     # -- one optimiser step --------------------------------------------------------------------
     def train_step(self, batches: Iterator[Any]) -> _Outcome:
         cfg, acc = self.config, self.acc
-        _seed_everything(_derive_seed(self.seed, acc.process_index, self.step))
+        seed_everything(_derive_seed(self.seed, acc.process_index, self.step))
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
@@ -396,6 +388,7 @@ def fit(
     desc: str = "train",
     resume: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    weights_prefix: str = "",
 ) -> TrainResult:
     """Train ``model`` on ``objective`` for ``config.steps`` optimiser steps; return the EMA weights.
 
@@ -404,7 +397,8 @@ def fit(
     (the rest is frozen for the run); ``extra_state`` objects (``state_dict``/``load_state_dict`` of
     tensors and numbers, e.g. a Lagrange multiplier) are checkpointed alongside. Steps skipped for a
     non-finite loss or gradient still count as steps. On return ``model`` holds the EMA weights.
-    Outputs in ``out_dir``: ``checkpoints/step_<n>/``, ``weights.safetensors``, ``summary.json``.
+    Outputs in ``out_dir``: ``checkpoints/step_<n>/``, ``weights.safetensors`` (the EMA weights; with
+    ``weights_prefix`` only those of the submodule under it, prefix stripped), ``summary.json``.
     """
     out_dir = Path(out_dir)
     if accelerator.gradient_accumulation_steps != 1:
@@ -437,6 +431,7 @@ def fit(
         model.to(memory_format=torch.channels_last)
     try:
         return _run(
+            weights_prefix,
             model,
             objective,
             dataset,
@@ -456,6 +451,7 @@ def fit(
 
 
 def _run(
+    weights_prefix: str,
     model: nn.Module,
     objective: Objective,
     dataset: Dataset,
@@ -569,7 +565,10 @@ def _run(
     error = None
     if accelerator.is_main_process:
         try:
-            io.save_tensors(weights, trainer.ema.shadow)
+            shadow = trainer.ema.shadow
+            io.save_tensors(
+                weights, {k[len(weights_prefix) :]: v for k, v in shadow.items() if k.startswith(weights_prefix)}
+            )
             io.atomic_write_json(out_dir / SUMMARY_FILE, summary)  # last: marks the stage complete
         except OSError as err:
             error = TrainingError(f"{desc}: could not write {weights} ({err.strerror or err})")

@@ -1,9 +1,10 @@
-"""The evaluate stage of one strategy: every configured metric on the test split, and Figure 1's images.
+"""The evaluate stage of one strategy: every configured metric on the evaluation split, and Figure 1's images.
 
 Metrics see the fine-tuned DSCM at the fine-tuning temperature through ``DSCMCounterfactuals``,
 measure with the EVALUATION segmentor, and score against the data set's true counterfactuals
-where it has them. The test images are sharded over processes and the rows gathered with
-``accelerator.gather_for_metrics``, so every process ends with the same summaries.
+where it has them. The images are sharded over processes and the rows gathered with
+``accelerator.gather_for_metrics``, so every process ends with the same summaries. Settings are
+chosen on the ``val`` split; the ``test`` split is evaluated once per config (``evaluate.split``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
-from causalimg.config.sections import TrainConfig
+from causalimg.builder import WEIGHTS_FILE
+from causalimg.config.sections import FigureConfig, TrainConfig
+from causalimg.core.data import TrueCounterfactuals
 from causalimg.core.schema import VariableSchema
-from causalimg.errors import InterventionError
-from causalimg.io import atomic_path, atomic_write_json
+from causalimg.core.scm import DSCM
+from causalimg.errors import ConfigError, InterventionError
+from causalimg.io import atomic_write_json, load_module, save_tensors
 from causalimg.metrics.base import (
     DSCMCounterfactuals,
     EvalContext,
@@ -28,27 +31,36 @@ from causalimg.metrics.base import (
     collect_rows,
     summarise,
 )
-from causalimg.pipeline.stage import StageContext
+from causalimg.pipeline.stages.base import Step
 from causalimg.training.accelerator import make_accelerator
 
 METRICS_FILE = "metrics.json"
 FIGURE_FILE = "figure.safetensors"
 ROWS_FILE = "rows.safetensors"  # every metric's per-image rows, "<metric>/<column>", and "index"
-EVALUATION_OUTPUTS = (METRICS_FILE, FIGURE_FILE, ROWS_FILE)  # in the stage's hash: a version writing more redoes it
-FIGURE_CHANGE_MM2 = 20.0  # Figure 1: do(S-region := S-region + 20 mm^2), clipped to the support
+OUTPUTS = (METRICS_FILE, FIGURE_FILE, ROWS_FILE)  # in the stage's hash: a version writing more redoes it
+FIGURE_CANDIDATES = 32  # Figure 1 shows the one of the first images with the most room for the change
+
+
+def reads(label: str) -> tuple[str, ...]:
+    return ("data", "regions", "flows", "image_mechanism", "predictors.segmentor", "finetune.temperature",
+            "evaluate", "report.figure")  # fmt: skip
+
+
+def upstream(label: str) -> tuple[str, ...]:
+    return ("data", "predictors/evaluation-segmentor", f"finetune/{label}")
 
 
 def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
     """The data set's ground truth as a metric callable, or None where it has none.
 
-    A data set knows its true counterfactuals when it has ``true_counterfactual_batch(split,
-    indices, interventions)`` (the phantom). A target that does not fit an image's true geometry
+    A data set knows its true counterfactuals when it has the ``TrueCounterfactuals`` capability
+    (the phantom). A target that does not fit an image's true geometry
     (the data set raises ``InterventionError``) has no true counterfactual: that image's outputs
     are NaN, which the ground-truth metric counts as unreachable and leaves out of its means.
     """
-    render = getattr(source, "true_counterfactual_batch", None)
-    if render is None:
+    if not isinstance(source, TrueCounterfactuals):
         return None
+    render = source.true_counterfactual_batch
 
     def truth(
         batch: Mapping[str, Any], do: Mapping[str, torch.Tensor]
@@ -74,68 +86,75 @@ def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
     return truth
 
 
+def figure_structure(schema: VariableSchema, figure: FigureConfig) -> str:
+    """The structure Figure 1 changes: the configured one, or the data's first."""
+    if figure.structure is None:
+        return schema.structures[0].name
+    return schema.structure(figure.structure).name
+
+
 def figure_images(
-    dscm: Any, batch: Mapping[str, torch.Tensor], schema: VariableSchema, temperature: float
+    dscm: DSCM, batch: Mapping[str, torch.Tensor], schema: VariableSchema, figure: FigureConfig, temperature: float
 ) -> dict[str, torch.Tensor]:
-    """Counterfactuals of one test image, +20 mm^2 of the first structure in each region in turn.
+    """Counterfactuals of one image: ``figure.change`` more of one structure in each region in turn.
 
     The image is the one of the batch with the most room for the change in its tightest region, so
     the clipping to the support shrinks the change as little as possible (the same image for every
     strategy, since the choice depends on the data only).
     """
     transform = dscm.transform
-    structure = schema.structures[0].name
+    structure = figure_structure(schema, figure)
     columns = [transform.index(schema.area_name(structure, r)) for r in schema.regions]
     pa = batch["parents"]
-    room = (transform.high[columns].to(pa) - pa[:, columns]).clamp(max=FIGURE_CHANGE_MM2).min(1).values  # (B,)
+    room = (transform.high[columns].to(pa) - pa[:, columns]).clamp(max=figure.change).min(1).values  # (B,)
     i = int(room.argmax())
     x, pa = batch["image"][i : i + 1], pa[i : i + 1]
     model = DSCMCounterfactuals(dscm, temperature)
     images, targets = [], []
     for column in columns:
-        target = (pa[:, column] + FIGURE_CHANGE_MM2).clamp(float(transform.low[column]), float(transform.high[column]))
+        target = (pa[:, column] + figure.change).clamp(float(transform.low[column]), float(transform.high[column]))
         x_cf, _ = model.counterfactual(x, pa, {transform.names[column]: target})
         images.append(x_cf[0])
         targets.append(target)
     return {
         "factual": x[0].cpu(),  # (1, H, W)
         "counterfactuals": torch.stack(images).cpu(),  # (K, 1, H, W)
-        "targets": torch.cat(targets).cpu(),  # (K,) mm^2
+        "targets": torch.cat(targets).cpu(),  # (K,)
         "factual_values": pa[0, columns].cpu(),  # (K,)
         "regions": batch["regions"][i].cpu(),  # (K, H, W)
     }
 
 
-def figure_titles(figure: Mapping[str, torch.Tensor], schema: VariableSchema) -> list[str]:
-    structure = schema.structures[0].name
+def figure_titles(figure: Mapping[str, torch.Tensor], schema: VariableSchema, config: FigureConfig) -> list[str]:
+    structure = figure_structure(schema, config)
     return [
         f"do({schema.display(schema.area_name(structure, r))}: {float(a):.1f} -> {float(b):.1f})"
         for r, a, b in zip(schema.regions, figure["factual_values"], figure["targets"])
     ]
 
 
-def evaluate_strategy(
-    dscm: Any,
-    evaluation_segmentor: torch.nn.Module,
-    source: Any,
-    config: Any,
-    registry: Any,
-    ctx: StageContext,
-    seed: int,
-) -> dict[str, Any]:
+def run(step: Step) -> dict[str, Any]:
     """Write ``metrics.json``, ``rows.safetensors`` and ``figure.safetensors``; returns the headline numbers."""
-    accelerator = make_accelerator(TrainConfig(), ctx.dir)
+    config, source, schema = step.config, step.source, step.schema
+    accelerator = make_accelerator(TrainConfig(), step.dir)
     device = accelerator.device
+    dscm = step.build.dscm(schema, source.image_shape, step.transform)
+    load_module(dscm, step.ctx.inputs[f"finetune/{step.label}"] / WEIGHTS_FILE)
     dscm.to(device).eval()
+    evaluation_segmentor = step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/evaluation-segmentor"])
     evaluation_segmentor.to(device)
-    test = source.split("test")
-    n = min(config.evaluate.num_images, len(test))
-    loader = DataLoader(Subset(test, range(n)), batch_size=config.finetune.train.batch_size)
+    split_name, seed = config.evaluate.split, config.run.seed
+    split = source.split(split_name)
+    n = config.evaluate.num_images
+    if n > len(split):
+        raise ConfigError(f"evaluate.num_images={n} exceeds the {len(split)} images of the {split_name} split")
+    loader = DataLoader(Subset(split, range(n)), batch_size=config.evaluate.batch_size)
     loader = accelerator.prepare_data_loader(loader)
-    info = EvalInfo(source.schema)  # the area variables are intervened on and measured
-    metrics = {m.name: registry.get("metric", m.name).factory(m) for m in config.evaluate.metrics}
-    truth = true_counterfactual(source, "test")
+    info = EvalInfo(schema)  # the area variables are intervened on and measured
+    metrics = step.build.metrics()
+    truth = true_counterfactual(source, split_name)
     pixel_area = float(source.spacing_mm) ** 2
+    temperature = config.finetune.temperature
 
     @torch.no_grad()
     def segment(images: torch.Tensor) -> torch.Tensor:
@@ -150,28 +169,21 @@ def evaluate_strategy(
         torch.manual_seed(int(np.random.SeedSequence([seed, int(batch["index"][0])]).generate_state(1)[0]))
         return EvalContext(info, dscm.transform, batch["regions"], pixel_area, segment, features, truth, seed=seed)
 
-    model = DSCMCounterfactuals(dscm, config.finetune.temperature)
+    model = DSCMCounterfactuals(dscm, temperature)
     indices, rows = collect_rows(metrics, model, loader, make_context, gatherer=accelerator)
     summaries = summarise(metrics, rows, info)
     if accelerator.is_main_process:
-        atomic_write_json(ctx.dir / METRICS_FILE, {"num_images": n, "metrics": summaries})
-        flat = {
-            f"{name}/{column}": value.contiguous()
-            for name, columns in rows.items()
-            for column, value in columns.items()
-        }
-        with atomic_path(ctx.dir / ROWS_FILE) as tmp:
-            save_file({"index": indices.long().contiguous(), **flat}, str(tmp))
-        first = next(iter(DataLoader(Subset(test, range(min(n, 32))), batch_size=32)))
+        atomic_write_json(step.dir / METRICS_FILE, {"num_images": n, "split": split_name, "metrics": summaries})
+        flat = {f"{name}/{column}": value for name, columns in rows.items() for column, value in columns.items()}
+        save_tensors(step.dir / ROWS_FILE, {"index": indices.long(), **flat})
+        first = next(iter(DataLoader(Subset(split, range(min(n, FIGURE_CANDIDATES))), batch_size=FIGURE_CANDIDATES)))
         first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
         with torch.no_grad():
-            figure = figure_images(dscm, first, source.schema, config.finetune.temperature)
-        with atomic_path(ctx.dir / FIGURE_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in figure.items()}, str(tmp))
+            figure = figure_images(dscm, first, schema, config.report.figure, temperature)
+        save_tensors(step.dir / FIGURE_FILE, figure)
     accelerator.wait_for_everyone()
-    headline: dict[str, Any] = {"num_images": n}
-    for name in ("effectiveness", "ground-truth"):
-        summary = summaries.get(name, {})
+    headline: dict[str, Any] = {"num_images": n, "split": split_name}
+    for name, summary in summaries.items():
         if "intervened" in summary:
             headline[name] = {"intervened": summary["intervened"], "off_target": summary["off_target"]}
     return headline

@@ -1,0 +1,163 @@
+"""The one place that turns a run config into components: data, DSCM, predictors, fine-tuning, metrics.
+
+The pipeline's stages, the tests, the benchmarks and the Python API all build through ``Builder``,
+so a component is wired the same way wherever it is used. Stages pass files to each other
+(``schema.json`` and ``transform.json`` from the data stage, ``weights.safetensors`` from every
+training stage); ``Builder`` and the ``load_*`` functions turn them back into objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from causalimg.config.run import RunConfig
+from causalimg.core.data import DataSource
+from causalimg.core.guidance import GuidancePredictors, GuidanceStrategy
+from causalimg.core.regions import Partitioner
+from causalimg.core.schema import VariableSchema
+from causalimg.core.scm import DSCM, SCM, AttributeModel
+from causalimg.core.transform import VariableTransform
+from causalimg.errors import ConfigError, DataError
+from causalimg.io import load_module
+from causalimg.metrics.base import Metric
+from causalimg.plugins.manager import Registry
+from causalimg.predictors.frozen import load_frozen
+from causalimg.predictors.regressor import build_regressor
+from causalimg.predictors.unet import UNet
+from causalimg.training.finetune import CounterfactualFineTuning
+
+TRANSFORM_FILE = "transform.json"  # the data stage's VariableTransform
+SCHEMA_FILE = "schema.json"  # the data stage's VariableSchema
+WEIGHTS_FILE = "weights.safetensors"  # what every training stage leaves (EMA weights)
+
+
+def load_schema(data_dir: Path) -> VariableSchema:
+    path = Path(data_dir) / SCHEMA_FILE
+    try:
+        return VariableSchema.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"variable schema {str(path)!r} is unreadable: {type(err).__name__}: {err}") from None
+
+
+def load_transform(data_dir: Path) -> VariableTransform:
+    return VariableTransform.load(Path(data_dir) / TRANSFORM_FILE)
+
+
+def split_parents(dataset: Dataset, batch_size: int = 512) -> torch.Tensor:
+    """All parents of a split, (N, P) in data units, read through the data set's own items."""
+    parents = [batch["parents"] for batch in DataLoader(dataset, batch_size=batch_size)]
+    if not parents:
+        raise DataError("the training split is empty: no parents to fit the variable transform on")
+    return torch.cat(parents)
+
+
+def _check_transform(schema: VariableSchema, transform: VariableTransform) -> None:
+    if tuple(transform.names) != schema.names:
+        raise ConfigError(f"the transform's variables {list(transform.names)} are not the data's {list(schema.names)}")
+
+
+class Builder:
+    """Components of one run config and registry.
+
+    ``config`` may be a stage's view of the run config: then everything built here reads only
+    the fields that stage declared, and an undeclared read fails loudly.
+    """
+
+    def __init__(self, config: RunConfig, registry: Registry):
+        self.config, self.registry = config, registry
+
+    # -- data ----------------------------------------------------------------------------------
+    def partitioner(self) -> Partitioner:
+        regions = self.config.regions
+        return self.registry.get("partitioner", regions.name).factory(regions)  # type: ignore[no-any-return]
+
+    def data_source(self, root: Path) -> DataSource:
+        """The configured data set, caching what it generates under ``root`` (the data stage's folder)."""
+        data = self.config.data
+        spec = self.registry.get("dataset", data.name)
+        return spec.factory(data, partitioner=self.partitioner(), root=Path(root))  # type: ignore[no-any-return]
+
+    # -- the causal model ----------------------------------------------------------------------
+    def image_mechanism(self, schema: VariableSchema, image_shape: tuple[int, int]) -> nn.Module:
+        config = self.config.image_mechanism
+        spec = self.registry.get("image_mechanism", config.name)
+        return spec.factory(config, image_shape=tuple(image_shape), num_parents=len(schema.names))  # type: ignore[no-any-return]
+
+    def attribute_mechanisms(self, schema: VariableSchema) -> dict[str, nn.Module]:
+        """One attribute mechanism per variable, conditioned on its parents in the data's graph."""
+        config = self.config.flows
+        spec = self.registry.get("attribute_mechanism", config.name)
+        return {v: spec.factory(config, num_context=len(parents)) for v, parents in schema.graph.items()}
+
+    def attribute_model(self, schema: VariableSchema, transform: VariableTransform) -> AttributeModel:
+        """The untrained flows alone (what the flows stage fits)."""
+        _check_transform(schema, transform)
+        return AttributeModel(SCM(schema.graph), self.attribute_mechanisms(schema), transform)
+
+    def dscm(self, schema: VariableSchema, image_shape: tuple[int, int], transform: VariableTransform) -> DSCM:
+        """An untrained DSCM over the data's graph; load weights with ``causalimg.io.load_module``."""
+        _check_transform(schema, transform)
+        scm = SCM(schema.graph)
+        return DSCM(scm, self.attribute_mechanisms(schema), self.image_mechanism(schema, image_shape), transform)
+
+    def trained_dscm(
+        self, schema: VariableSchema, image_shape: tuple[int, int], transform: VariableTransform, weights: Path
+    ) -> DSCM:
+        return load_module(self.dscm(schema, image_shape, transform), weights)  # type: ignore[return-value]
+
+    # -- predictors ----------------------------------------------------------------------------
+    def segmentor(self, schema: VariableSchema) -> UNet:
+        return UNet(self.config.predictors.segmentor, num_classes=schema.num_classes)
+
+    def regressor(self, schema: VariableSchema) -> nn.Module:
+        return build_regressor(self.config.predictors.regressor, len(schema.names))
+
+    def frozen_segmentor(self, schema: VariableSchema, stage_dir: Path) -> UNet:
+        return load_frozen(self.segmentor(schema), Path(stage_dir) / WEIGHTS_FILE)
+
+    def frozen_regressor(self, schema: VariableSchema, stage_dir: Path) -> nn.Module:
+        return load_frozen(self.regressor(schema), Path(stage_dir) / WEIGHTS_FILE)
+
+    # -- fine-tuning ---------------------------------------------------------------------------
+    def guidance(self, label: str, predictors: GuidancePredictors) -> list[GuidanceStrategy]:
+        """One strategy per guidance term of ``finetune.strategies[label]`` (none for No-CFT)."""
+        terms = self.config.finetune.strategies[label]
+        names = [term.name for term in terms]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"finetune.strategies.{label}: guidance term(s) {repeated} appear twice")
+        return [self.registry.get("guidance", t.name).factory(t, predictors=predictors) for t in terms]
+
+    def finetuning(
+        self,
+        dscm: DSCM,
+        strategies: list[GuidanceStrategy],
+        schema: VariableSchema,
+        pixel_area_mm2: float,
+        eps: float,
+    ) -> CounterfactualFineTuning:
+        finetune = self.config.finetune
+        constraint = finetune.constraint
+        return CounterfactualFineTuning(
+            dscm,
+            strategies,
+            schema=schema,
+            pixel_area_mm2=pixel_area_mm2,
+            eps=eps,
+            constraint=constraint.kind,
+            lagrange_lr=constraint.lagrange_lr,
+            damping=constraint.damping,
+            nelbo_weight=constraint.weight,
+            temperature=finetune.temperature,
+            interventions_per_step=finetune.interventions_per_step,
+            trainable=finetune.trainable,
+        )
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def metrics(self) -> Mapping[str, Metric]:
+        return {m.name: self.registry.get("metric", m.name).factory(m) for m in self.config.evaluate.metrics}

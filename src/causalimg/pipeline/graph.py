@@ -1,0 +1,103 @@
+"""The pipeline of a run config: data -> flows -> predictors -> pretrain -> finetune -> evaluate -> report.
+
+Stage graph (one finetune and one evaluate stage per strategy label)::
+
+  data ─┬─ flows ────────────────────────────┬─ finetune/<label> ── evaluate/<label> ─┐
+        ├─ predictors/guidance-segmentor ────┤                                       ├─ report
+        ├─ predictors/regressor ─────────────┤                                       │
+        ├─ predictors/evaluation-segmentor ──┼───────────────────────────────────────┤
+        └─ pretrain ─────────────────────────┘
+
+Each stage module declares what it reads of the config; ``declare`` turns that declaration into
+the stage's hash (``pipeline.reads.select``) and into the guarded view its body gets, and seeds
+every random generator from (run.seed, stage name) before the body, so what a stage builds does
+not depend on which stages ran before it in this process (a resumed run ends bit-identical).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from causalimg.builder import Builder
+from causalimg.config.run import RunConfig
+from causalimg.config.sections import TrainConfig
+from causalimg.pipeline import reads as config_reads
+from causalimg.pipeline.stage import ProcessGroup, Stage, StageContext, run_stages
+from causalimg.pipeline.stages import data, evaluate, finetune, flows, predictors, pretrain, report
+from causalimg.pipeline.stages.base import Step
+from causalimg.plugins.manager import Registry
+from causalimg.training.accelerator import make_accelerator
+from causalimg.training.distributed import seed_everything
+
+Body = Callable[[Step], dict[str, Any]]
+SEED_READ = "run.seed"  # every stage reads it: its random generators are seeded from it
+
+
+def stage_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
+
+
+class Graph:
+    """Declares the stages of one run config, bound to a registry and a process group."""
+
+    def __init__(self, config: RunConfig, registry: Registry, group: ProcessGroup):
+        self.config, self.registry, self.group = config, registry, group
+        self.stages: list[Stage] = []
+
+    def declare(
+        self, name: str, body: Body, reads: Sequence[str], upstream: Sequence[str] = (), extra: Any = None
+    ) -> None:
+        """Add a stage whose hash covers exactly ``reads`` (+ ``extra``, e.g. the files it writes)."""
+        declared = tuple(dict.fromkeys([*reads, SEED_READ]))
+        payload = {"reads": config_reads.select(self.config, declared), "extra": extra}
+        config, registry, tracking = self.config, self.registry, self.config.tracking
+        names = lambda: tuple(s.name for s in self.stages)  # noqa: E731 (the list is complete when bodies run)
+
+        def run(ctx: StageContext) -> dict[str, Any]:
+            view = config_reads.view(config, declared, name)
+            seed_everything(stage_seed(config.run.seed, name))
+            return body(Step(ctx, view, Builder(view, registry), tracking, names()))
+
+        self.stages.append(Stage(name, run, payload, tuple(upstream)))
+
+
+def pipeline_stages(config: RunConfig, registry: Registry, group: ProcessGroup) -> list[Stage]:
+    """Every stage of ``config`` in run order."""
+    graph = Graph(config, registry, group)
+    graph.declare("data", data.run, data.READS)
+    graph.declare("flows", flows.run, flows.READS, ("data",))
+    for which in predictors.SEGMENTORS:
+        graph.declare(f"predictors/{which}", predictors.run_segmentor, predictors.SEGMENTOR_READS, ("data",))
+    graph.declare("predictors/regressor", predictors.run_regressor, predictors.REGRESSOR_READS, ("data",))
+    graph.declare("pretrain", pretrain.run, pretrain.READS, ("data",))
+    evaluations = []
+    for label in config.finetune.strategies:
+        graph.declare(f"finetune/{label}", finetune.run, finetune.reads(label), finetune.UPSTREAM)
+        graph.declare(f"evaluate/{label}", evaluate.run, evaluate.reads(label), evaluate.upstream(label),
+                      extra={"outputs": evaluate.OUTPUTS})  # fmt: skip
+        evaluations.append(f"evaluate/{label}")
+    graph.declare("report", report.run, report.READS, ("data", *evaluations))
+    return graph.stages
+
+
+def run_pipeline(
+    config: RunConfig,
+    registry: Registry,
+    accelerator: Any = None,
+    only: str | None = None,
+    start: str | None = None,
+) -> dict[str, Any]:
+    """Run (or skip, or redo) every stage of ``config``; returns stage name -> result record.
+
+    ``accelerator`` is the process group (an ``accelerate.Accelerator``); None makes one for a
+    single process. ``only``/``start`` select a stage or group (``finetune``) as ``--only``/``--from``.
+    """
+    if accelerator is None:
+        accelerator = make_accelerator(TrainConfig(), Path(config.run.dir))
+    log = print if accelerator.is_main_process else (lambda _: None)
+    stages = pipeline_stages(config, registry, accelerator)
+    results = run_stages(stages, Path(config.run.dir), accelerator, only=only, start=start, log=log)
+    return {name: result.as_dict() for name, result in results.items()}

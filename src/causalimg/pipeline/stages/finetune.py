@@ -1,0 +1,54 @@
+"""The finetune stage of one strategy: counterfactual fine-tuning of the pretrained DSCM.
+
+Writes ``weights.safetensors``: the fine-tuned DSCM (flows and image mechanism), what the evaluate
+stage reads. No-CFT, a strategy without guidance terms, is the paper's baseline: the pretrained
+DSCM as it is, written unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from causalimg.builder import WEIGHTS_FILE
+from causalimg.core.guidance import GuidancePredictors
+from causalimg.io import load_module, save_tensors
+from causalimg.pipeline.stages.base import SEED, Step
+from causalimg.training.finetune import measure_nelbo
+
+UPSTREAM = ("data", "flows", "predictors/guidance-segmentor", "predictors/regressor", "pretrain")
+EPS_BATCHES = 8  # training batches the pretrained nelbo (the constraint's level) is measured on
+
+
+def reads(label: str) -> tuple[str, ...]:
+    shared = ("finetune.train", "finetune.temperature", "finetune.trainable", "finetune.interventions_per_step")
+    return ("data", "regions", "flows", "image_mechanism", "predictors", *shared, "finetune.constraint",
+            f"finetune.strategies.{label}")  # fmt: skip
+
+
+def run(step: Step) -> dict[str, Any]:
+    source, schema = step.source, step.schema
+    dscm = step.build.dscm(schema, source.image_shape, step.transform)
+    load_module(dscm.attributes, step.ctx.inputs["flows"] / WEIGHTS_FILE)
+    load_module(dscm.image, step.ctx.inputs["pretrain"] / WEIGHTS_FILE)
+    terms = step.config.finetune.strategies[step.label]
+    if not terms:  # No-CFT, the paper's baseline: the pretrained DSCM as it is
+        if step.is_main:
+            save_tensors(step.dir / WEIGHTS_FILE, dscm.state_dict())
+        step.ctx.group.wait_for_everyone()
+        return {"finetuned": False, "terms": []}
+    predictors = GuidancePredictors(  # the evaluation segmentor is deliberately not loaded here
+        segmentor=step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/guidance-segmentor"]),
+        regressor=step.build.frozen_regressor(schema, step.ctx.inputs["predictors/regressor"]),
+    )
+    strategies = step.build.guidance(step.label, predictors)
+    train = step.config.finetune.train
+    train_split = source.split("train")
+    eps = measure_nelbo(dscm, DataLoader(train_split, batch_size=train.batch_size), max_batches=EPS_BATCHES)
+    cft = step.build.finetuning(dscm, strategies, schema, float(source.spacing_mm) ** 2, eps)
+    cft.train()
+    seed = step.config.run.seed + SEED["finetune"]
+    summary = step.train(cft, lambda m, batch, _: m(batch), train_split, train, seed, parameters=cft.trainable,
+                         weights_prefix="dscm.")  # fmt: skip
+    return {**summary, "finetuned": True, "terms": [t.name for t in terms], "eps_nelbo": eps}
