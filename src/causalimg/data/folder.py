@@ -60,8 +60,9 @@ class FolderConfig(StrictModel):
     name: Literal["folder"] = "folder"
     path: Path
     spacing_mm: PositiveFloat | None = None
-    label_map: dict[int, str] | None = None  # file label value -> class name
-    structures: dict[str, StructureConfig] | None = None  # class -> its variables; None: every class but label 0's
+    label_map: dict[int, str] | None = Field(None, min_length=1)  # file label value -> class name
+    # class -> its variables; None: every class but label 0's
+    structures: dict[str, StructureConfig] | None = Field(None, min_length=1)
     window: tuple[float, float] | None = None  # HU window mapped to [-1, 1]; None: images already in [-1, 1]
     on_bad_file: Literal["error", "skip"] = "error"
 

@@ -24,11 +24,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 from torch.utils.data import Dataset
 
 import causalimg
-from causalimg.config.base import StrictModel
+from causalimg.config.base import Seed, StrictModel
 from causalimg.core.data import Split
 from causalimg.core.regions import Partitioner
 from causalimg.core.schema import Structure, Variable, VariableSchema
@@ -50,7 +50,7 @@ class PhantomConfig(StrictModel):
     n_train: PositiveInt = 4000
     n_val: PositiveInt = 500
     n_test: PositiveInt = 500
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     age_effect: NonNegativeFloat = 0.0  # > 0 adds an age root that raises every plaque area
     cache: bool = True  # keep generated splits on disk under the data root
 
