@@ -8,12 +8,15 @@ and a "did you mean"; a kind with no registered plugin fails with a message that
 
 from __future__ import annotations
 
+import difflib
 import functools
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -24,7 +27,7 @@ from pydantic import (
     create_model,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from causalimg.config.base import StrictModel
 from causalimg.config.sections import PluginsSection, RunSection, TrackingConfig, TrainConfig
@@ -54,7 +57,7 @@ _LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 class SegmentorSection(StrictModel):
     """The frozen segmentor that positional and global segmentor guidance read areas from."""
 
-    widths: tuple[PositiveInt, ...] = (16, 32, 64)
+    widths: tuple[PositiveInt, ...] = Field((16, 32, 64), min_length=2)  # as the U-Net's config: >= 1 halving
     train: TrainConfig = TrainConfig()
 
 
@@ -110,6 +113,20 @@ def _plugin_name_check(registry: Registry, kind: str):
         return value
 
     return check
+
+
+def _no_repeated_terms(terms: list[Any]) -> list[Any]:
+    """A strategy sums its terms: the same guidance twice is a mistake that fine-tuning would refuse
+    only after every earlier stage has run."""
+    names = [getattr(term, "name", None) for term in terms]
+    repeated = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
+    if repeated:
+        raise PydanticCustomError(
+            "repeated_guidance",
+            "guidance {names} appears more than once; give each term once (with its weight)",
+            {"names": ", ".join(map(repr, repeated))},
+        )
+    return terms
 
 
 def plugin_union(registry: Registry, kind: str) -> Any:
@@ -174,7 +191,7 @@ def build_run_config_model(registry: Registry) -> type[StrictModel]:
         __doc__="Counterfactual fine-tuning: one run per strategy label, each a weighted sum of guidance terms.",
         __validators__={"labels": field_validator("strategies")(check_labels)},
         train=(TrainConfig, TrainConfig(lr=1e-4)),
-        strategies=(dict[str, list[guidance_term]], {"none": []}),  # type: ignore[valid-type]
+        strategies=(dict[str, Annotated[list[guidance_term], AfterValidator(_no_repeated_terms)]], {"none": []}),  # type: ignore[valid-type]
         temperature=(PositiveFloat, 0.1),
         trainable=(Literal["all", "decoder"], "all"),
         interventions_per_step=(PositiveInt, 1),
@@ -201,3 +218,50 @@ def build_run_config_model(registry: Registry) -> type[StrictModel]:
         evaluate=(evaluate, Field(default_factory=evaluate)),
         tracking=(TrackingConfig, TrackingConfig()),
     )
+
+
+# The range of a 64-bit signed integer: every integer a config hands to torch or NumPy must fit.
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def config_checks(config: BaseModel) -> list[InitErrorDetails]:
+    """What the models' fields cannot check alone, run once a config validates: numbers that no
+    tensor can hold (in any plugin's config, whatever its base class) and model names of libraries."""
+    errors = list(_number_errors(config.model_dump(), ()))
+    regressor = getattr(getattr(config, "predictors", None), "regressor", None)
+    if regressor is not None:
+        errors += _timm_errors(regressor.model, ("predictors", "regressor", "model"))
+    return errors
+
+
+def _number_errors(value: Any, loc: tuple[str | int, ...]) -> Any:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        yield _error("finite_number", "Input should be a finite number", loc, value)
+    elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        yield _error("int64", "Input should fit in a 64-bit integer (|value| < 2^63)", loc, value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _number_errors(item, (*loc, key))
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        for index, item in enumerate(value):
+            yield from _number_errors(item, (*loc, index))
+
+
+def _timm_errors(name: str, loc: tuple[str | int, ...]) -> list[InitErrorDetails]:
+    """timm knows the name, or the message lists close matches (timm is imported only here: 3 s)."""
+    import timm
+
+    if timm.is_model(name):
+        return []
+    known = timm.list_models()
+    close = difflib.get_close_matches(name[:100], known, n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    message = f"not a timm model{hint} (`timm.list_models()` lists the {len(known)} names)"
+    return [_error("unknown_model", message, loc, name)]
+
+
+def _error(kind: str, message: str, loc: tuple[str | int, ...], value: Any) -> InitErrorDetails:
+    """One error as pydantic reports it; the message is passed as context, never as a template."""
+    return InitErrorDetails(type=PydanticCustomError(kind, "{message}", {"message": message}), loc=loc, input=value)
