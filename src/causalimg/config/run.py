@@ -115,18 +115,26 @@ def _plugin_name_check(registry: Registry, kind: str):
     return check
 
 
-def _no_repeated_terms(terms: list[Any]) -> list[Any]:
-    """A strategy sums its terms: the same guidance twice is a mistake that fine-tuning would refuse
-    only after every earlier stage has run."""
-    names = [getattr(term, "name", None) for term in terms]
-    repeated = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
-    if repeated:
-        raise PydanticCustomError(
-            "repeated_guidance",
-            "guidance {names} appears more than once; give each term once (with its weight)",
-            {"names": ", ".join(map(repr, repeated))},
-        )
-    return terms
+def _each_once(noun: str, advice: str) -> AfterValidator:
+    """A list of components in which each name may appear once: a strategy sums its guidance terms
+    and the evaluation keys its metrics by name, so a repeat is a mistake (fine-tuning refused it
+    only after every earlier stage had run; a repeated metric silently replaced the first)."""
+
+    def check(items: list[Any]) -> list[Any]:
+        names = [getattr(item, "name", None) for item in items]
+        repeated = [n for n in dict.fromkeys(names) if n is not None and names.count(n) > 1]
+        if repeated:
+            where = "; ".join(
+                f"{str(n)!r} at {' and '.join(str(i) for i, m in enumerate(names) if m == n)}" for n in repeated
+            )
+            raise PydanticCustomError(
+                "repeated_name",
+                "{noun} appears more than once ({where}); {advice}",
+                {"noun": noun, "where": where, "advice": advice},
+            )
+        return items
+
+    return AfterValidator(check)
 
 
 def plugin_union(registry: Registry, kind: str) -> Any:
@@ -191,7 +199,10 @@ def build_run_config_model(registry: Registry) -> type[StrictModel]:
         __doc__="Counterfactual fine-tuning: one run per strategy label, each a weighted sum of guidance terms.",
         __validators__={"labels": field_validator("strategies")(check_labels)},
         train=(TrainConfig, TrainConfig(lr=1e-4)),
-        strategies=(dict[str, Annotated[list[guidance_term], AfterValidator(_no_repeated_terms)]], {"none": []}),  # type: ignore[valid-type]
+        strategies=(
+            dict[str, Annotated[list[guidance_term], _each_once("guidance", "give each term once, with its weight")]],  # type: ignore[valid-type]
+            {"none": []},
+        ),
         temperature=(PositiveFloat, 0.1),
         trainable=(Literal["all", "decoder"], "all"),
         interventions_per_step=(PositiveInt, 1),
@@ -202,7 +213,10 @@ def build_run_config_model(registry: Registry) -> type[StrictModel]:
         __base__=StrictModel,
         __doc__="Counterfactual evaluation on the test split (every registered metric by default).",
         num_images=(PositiveInt, 256),
-        metrics=(list[metric], Field(default_factory=lambda: _all_default_metrics(registry))),  # type: ignore[valid-type]
+        metrics=(
+            Annotated[list[metric], _each_once("metric", "give each metric once")],  # type: ignore[valid-type]
+            Field(default_factory=lambda: _all_default_metrics(registry)),
+        ),
     )
     return create_model(
         "RunConfig",
