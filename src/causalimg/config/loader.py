@@ -36,8 +36,8 @@ _SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}
 MAX_CONFIG_BYTES = 256 * 1024  # the pure-Python YAML parser reads about 100 KB/s on a busy core
 MAX_DEPTH = 32  # nesting of mappings and lists, aliases expanded
 MAX_VALUES = 100_000  # scalars, lists and mappings, every alias counted as what it repeats
-MAX_ERRORS = 8  # problems listed in one message; the rest are counted
-MAX_LINE = 300  # characters of one listed problem
+MAX_ERRORS = 5  # problems listed in one message; the rest are counted
+MAX_LINE = 300  # characters of one listed problem (five fit the command line's 2,000-character cap)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -82,7 +82,8 @@ def resolve_config_path(name: str | os.PathLike[str]) -> Path:
     try:
         exists = path.exists()
     except (OSError, ValueError) as err:  # a NUL byte, a name too long for the file system
-        raise ConfigError(f"config {_named(name)} is not a usable path: {err}") from None
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"config {_named(name)} is not a usable path: {abbreviate(reason, 100)}") from None
     if exists:
         return path
     if path.suffix == "" and path.name == str(name):
@@ -137,20 +138,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _read_limited(path: Path, name: str) -> bytes:
-    """The file's bytes; a file above MAX_CONFIG_BYTES is refused after reading that much at most."""
+    """The file's bytes; a file above MAX_CONFIG_BYTES is refused after reading that much at most,
+    and anything but a regular file before it is opened (a FIFO would block, a device never end)."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"config file {name} is not a regular file")
         with open(path, "rb") as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError(f"config file {name} is not a regular file")
+            size = os.fstat(file.fileno()).st_size
             data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
-        raise ConfigError(f"config file {name} cannot be read: {err.strerror or err}") from None
+        raise ConfigError(f"config file {name} cannot be read: {err.strerror or type(err).__name__}") from None
     if len(data) > MAX_CONFIG_BYTES:
-        size = max(info.st_size, len(data))
         raise ConfigError(
-            f"config file {name} has {size:,} bytes; the limit for a config is {MAX_CONFIG_BYTES:,} bytes "
-            f"({MAX_CONFIG_BYTES // 1024} KiB)"
+            f"config file {name} has {max(size, len(data)):,} bytes; the limit for a config is "
+            f"{MAX_CONFIG_BYTES:,} bytes ({MAX_CONFIG_BYTES // 1024} KiB)"
         )
     return data
 
@@ -561,7 +562,10 @@ def _resolve_run_dir(config: Any, source: str) -> Any:
         cwd = Path.cwd().resolve()
         resolved = (cwd / run_dir).resolve()
     except (OSError, ValueError) as err:  # a NUL byte, a symlink loop
-        raise ConfigError(f"invalid config {source}: run.dir = {_named(run_dir)} is not a usable path: {err}") from None
+        reason = abbreviate(getattr(err, "strerror", None) or str(err), 100)
+        raise ConfigError(
+            f"invalid config {source}: run.dir = {_named(run_dir)} is not a usable path: {reason}"
+        ) from None
     if not resolved.is_relative_to(cwd):
         raise ConfigError(
             f"invalid config {source}: run.dir = {_named(run_dir)} leaves the working directory {_named(cwd)}; "
