@@ -289,6 +289,36 @@ def test_deep_toml_is_refused_without_a_recursion_traceback(tmp_path):
         assert len(str(err.value)) <= MAX_CHARS, depth
 
 
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("!!float k", "the value 'k' cannot be read as float"),
+        ("!!float ''", "cannot be read as float"),
+        ("!!timestamp 12:30:00x", "cannot be read as timestamp"),
+        ("!!int x", "cannot be read as int"),
+        ("1" * 5000, "an integer of 5,000 digits"),
+    ],
+)
+def test_values_that_do_not_fit_their_yaml_tag_are_yaml_errors(tmp_path, value, needle):
+    """PyYAML lets them escape as ValueError, IndexError or AttributeError tracebacks."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"run:\n  seed: {value}\n")
+    with pytest.raises(ConfigError, match="line 2.*invalid YAML") as err:
+        read_config_file(path)
+    assert needle in str(err.value) and len(str(err.value)) <= MAX_CHARS
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        apply_overrides({}, [f"run.seed={value}"])
+    assert needle in str(err.value) and len(str(err.value)) <= MAX_CHARS
+
+
+def test_a_toml_integer_too_long_to_read_is_refused(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("[run]\nseed = " + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="invalid TOML: Exceeds the limit") as err:
+        read_config_file(path)
+    assert len(str(err.value)) <= MAX_CHARS
+
+
 def test_a_config_above_the_size_limit_is_refused_unread(tmp_path, workdir, capsys):
     """A 50 MB file (sparse: no disk used) is refused at once with the limit in the message."""
     path = tmp_path / "big.yaml"

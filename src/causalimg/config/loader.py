@@ -13,6 +13,7 @@ import importlib.resources
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from causalimg.config.base import StrictModel
@@ -125,6 +127,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {name}{_yaml_where(err)}: invalid YAML: {_yaml_problem(err)}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {name}: invalid TOML: {_toml_problem(err, text)}") from None
+    except ValueError as err:  # tomllib: an integer longer than Python reads from text
+        raise ConfigError(f"config file {name}: invalid TOML: {abbreviate(str(err).split(';')[0], 200)}") from None
     except RecursionError:
         raise ConfigError(f"config file {name}: invalid {kind.upper()}: nested too deeply") from None
     if raw is None:
@@ -229,6 +233,33 @@ class ConfigYAMLLoader(yaml.SafeLoader):
         if node is not None:
             _check_expansion(node)
         return node
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        """PyYAML's constructors let a value that does not fit its explicit tag (``!!float k``,
+        ``!!float ''``, ``!!timestamp x``) escape as a ValueError, IndexError or AttributeError;
+        here any of them is a YAML error at the value (nesting is bounded, so no RecursionError)."""
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception:
+            value = f" {abbreviate(node.value, 40)!r}" if isinstance(node, ScalarNode) else ""
+            problem = f"the value{value} cannot be read as {node.tag.rsplit(':', 1)[-1]}"
+            raise ConstructorError(None, None, problem, node.start_mark) from None
+
+    def construct_yaml_int(self, node: ScalarNode) -> int:
+        """An integer; one longer than Python reads from text (4,300 digits) is a YAML error."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            if len(node.value) <= sys.get_int_max_str_digits():
+                raise  # not a number at all (``!!int x``): construct_object says so
+            limit = f"{sys.get_int_max_str_digits():,}"
+            problem = f"an integer of {len(node.value):,} digits (Python reads at most {limit})"
+            raise ConstructorError(None, None, problem, node.start_mark) from None
+
+
+ConfigYAMLLoader.add_constructor("tag:yaml.org,2002:int", ConfigYAMLLoader.construct_yaml_int)
 
 
 def _line(node: Node) -> int:
