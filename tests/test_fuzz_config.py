@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 
 from causalimg import cli, run
 from causalimg.config.base import MAX_SEED
+from causalimg.config.loader import apply_overrides, read_config_file
 from causalimg.config.sections import TrainConfig
+from causalimg.errors import ConfigError
 from causalimg.plugins.manager import ENV_ONLY
 
 SETTINGS = settings(
@@ -280,6 +282,32 @@ def test_empty_and_binary_files_name_the_file(env, capsys, entry, content):
     code, err = invoke(entry, path, [], capsys)
     assert_refused(code, err, env, str(path))
     assert any(word in err for word in ("empty", "binary", "only comments")), err
+
+
+# Pieces of YAML and TOML that the parsers, composers and constructors treat specially: anchors,
+# aliases, merge keys, complex keys, explicit tags, directives, block scalars, huge numbers.
+FRAGMENTS = [
+    "a: ", "&x ", "*x", "<<: ", "[", "]", "{", "}", ", ", "\n", "  ", "- ", "? ", ": ", "=", "\t", "#c\n",
+    "!!str ", "!!int ", "!!float ", "!!binary ", "!!set ", "!!omap ", "!!timestamp ", "!!python/none ",
+    "!<tag:yaml.org,2002:int> ", "1" * 5000, "1e999", ".nan", "-.inf", "0x" + "f" * 5000, "0o7", "1_000",
+    "'q'", '"\\x00"', "~", "null", "2001-12-14t21:59:43.10-05:00", "12:30:00", "%YAML 1.1\n---\n", "---\n",
+    "...\n", "|\n  t\n", ">\n  t\n", "k: v", "&y [*y]", "*y", "[section]\n", "k = 1\n", "\ufeff",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(pieces=st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=30), suffix=st.sampled_from([".yaml", ".toml"]))
+def test_any_document_is_loaded_or_refused_with_a_config_error(tmp_path_factory, pieces, suffix):
+    """The loader's one way to fail is a ConfigError of a few hundred characters: no ValueError,
+    IndexError, AttributeError or RecursionError escapes from the parsers and constructors."""
+    text = "".join(pieces)
+    path = tmp_path_factory.getbasetemp() / f"fuzz{suffix}"
+    path.write_text(text)
+    for load in (lambda: read_config_file(path), lambda: apply_overrides({}, [f"run={text}"])):
+        try:
+            load()
+        except ConfigError as err:
+            assert len(str(err)) <= 600, str(err)
 
 
 PYTHON_TAGS = [
