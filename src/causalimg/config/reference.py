@@ -18,8 +18,9 @@ Generated from the run config's JSON schema by
 `causalimg schema --markdown --builtin-only > docs/config.md`; do not edit by hand.
 Configs are YAML or TOML files of at most {MAX_CONFIG_BYTES // 1024} KiB; a key given twice in one mapping is an error
 (in YAML as in TOML), and YAML aliases may not expand a file past {MAX_VALUES:,} values or {MAX_DEPTH} levels.
-Unknown keys are errors, and so are inf and NaN in any number, seeds above {MAX_SEED:,} (2^32 - 1)
-and integers outside the 64-bit range.
+Unknown keys are errors, and so are inf and NaN in any number, seeds above {MAX_SEED:,} (2^32 - 1),
+integers outside the 64-bit range, a guidance term or a metric named twice in one list and a
+`predictors.regressor.model` that timm does not know: `causalimg validate` finds them all.
 
 Every field can be overridden with `--set dotted.name=value`; the value is read as YAML.
 A plugin section selects its component by `name`; `regions: grid` is short for
