@@ -12,12 +12,25 @@ import yaml
 from conftest import TOY_CONFIG
 
 from causalimg import cli, run
+from causalimg.config.loader import resolve_config_path
 from causalimg.plugins.manager import ENV_ONLY
 
 
 @pytest.fixture
+def tiny_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shipped tiny config with a relative run folder and a guided strategy, as a file."""
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(resolve_config_path("tiny").read_text())
+    raw["run"]["dir"] = "runs/exp"
+    raw["finetune"]["strategies"] = {"none": [], "guided": [{"name": "regressor"}]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
 def toy_config(toy_plugin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A valid config file that loads the toy plugin (alone) from its folder."""
+    """A config file that loads the toy plugin (alone) from its folder: valid, though its toys build nothing."""
     monkeypatch.setenv(ENV_ONLY, "toy")
     monkeypatch.chdir(tmp_path)
     raw = {
@@ -44,10 +57,10 @@ def test_plugins_json_with_a_plugin_dir(toy_plugin_dir, capsys):
     assert rows["toy-flow"]["distribution"] == str(toy_plugin_dir.resolve() / "toy.py")
 
 
-def test_validate_ok_and_show(toy_config, capsys):
-    assert cli.main(["validate", str(toy_config), "--show", "--set", "run.seed=4"]) == 0
+def test_validate_ok_and_show(tiny_config, capsys):
+    assert cli.main(["validate", str(tiny_config), "--show", "--set", "run.seed=4"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["run"]["seed"] == 4 and shown["regions"] == {"name": "toy-halves"}
+    assert shown["run"]["seed"] == 4 and shown["regions"] == {"name": "axial-thirds"}
 
 
 def test_validate_error_exits_2_with_message(toy_config, capsys):
@@ -93,8 +106,8 @@ def test_console_errors_have_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr and str(bad) in result.stderr
 
 
-def test_run_writes_resolved_config_and_prints_plan(toy_config, tmp_path, capsys):
-    assert run.main(["--dry-run", "--config", str(toy_config), "--set", "pretrain.steps=3"]) == 0
+def test_run_writes_resolved_config_and_prints_plan(tiny_config, tmp_path, capsys):
+    assert run.main(["--dry-run", "--config", str(tiny_config), "--set", "pretrain.steps=3"]) == 0
     out = capsys.readouterr().out
     steps = [line.split(". ", 1)[1] for line in out.splitlines()[1:]]
     assert steps == [
@@ -109,7 +122,7 @@ def test_run_writes_resolved_config_and_prints_plan(toy_config, tmp_path, capsys
     ]
     saved = yaml.safe_load((tmp_path / "runs/exp/config.yaml").read_text())
     assert saved["pretrain"]["steps"] == 3 and saved["run"]["dir"] == str(tmp_path.resolve() / "runs/exp")
-    assert [p.name for p in (tmp_path / "runs/exp").iterdir()] == ["config.yaml"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "runs/exp").iterdir()) == ["config.yaml", "run.lock"]  # no temporary left
 
 
 @pytest.mark.parametrize(
@@ -127,15 +140,15 @@ def test_only_and_from_together_is_a_usage_error():
     assert exit_.value.code == 2
 
 
-def test_resume_needs_the_same_saved_config(toy_config, capsys):
-    assert run.main(["--config", str(toy_config), "--resume"]) == 2
+def test_resume_needs_the_same_saved_config(tiny_config, capsys):
+    assert run.main(["--config", str(tiny_config), "--resume"]) == 2
     assert "no run to resume" in capsys.readouterr().err
-    assert run.main(["--dry-run", "--config", str(toy_config)]) == 0
-    assert run.main(["--dry-run", "--config", str(toy_config), "--resume"]) == 0
-    assert run.main(["--config", str(toy_config), "--resume", "--set", "run.seed=9"]) == 2
+    assert run.main(["--dry-run", "--config", str(tiny_config)]) == 0
+    assert run.main(["--dry-run", "--config", str(tiny_config), "--resume"]) == 0
+    assert run.main(["--config", str(tiny_config), "--resume", "--set", "run.seed=9"]) == 2
     assert "config differs" in capsys.readouterr().err
 
 
-def test_run_bad_config_exits_2(toy_config, capsys):
-    assert run.main(["--config", str(toy_config), "--set", "pretrain.lr=-1"]) == 2
+def test_run_bad_config_exits_2(tiny_config, capsys):
+    assert run.main(["--config", str(tiny_config), "--set", "pretrain.lr=-1"]) == 2
     assert "pretrain.lr = -1: Input should be greater than 0" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from causalimg.config.loader import (
     parse_override,
     resolve_config_path,
     shipped_configs,
+    switched_components,
     validate_config,
 )
 from causalimg.config.run import build_run_config_model
@@ -130,6 +131,49 @@ def test_override_sets_list_items_and_yaml_values():
     assert raw["evaluate"]["metrics"][1] == {"name": "b"}  # the input is not changed
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides(raw, ["evaluate.metrics.5.name=c"])
+
+
+FILE = {
+    "data": {"name": "phantom", "n_train": 32},
+    "regions": "axial-thirds",
+    "evaluate": {"metrics": [{"name": "effectiveness"}, {"name": "composition", "cycles": [1, 2]}]},
+    "finetune": {"strategies": {"pos": [{"name": "positional-segmentor", "gradient_temperature": 2}]}},
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "switched"),
+    [
+        (["data.name=folder"], {("data",): "data.name=folder"}),
+        (["data.name=phantom"], {}),  # the same component: the file's fields stay
+        (["regions.name=grid"], {("regions",): "regions.name=grid"}),  # from the shorthand
+        (["flows.name=other"], {}),  # not in the file: nothing to drop
+        (["evaluate.metrics.1.name=realism"], {("evaluate", "metrics", "1"): "evaluate.metrics.1.name=realism"}),
+        (
+            ["finetune.strategies.pos.0.name=regressor"],
+            {("finetune", "strategies", "pos", "0"): "finetune.strategies.pos.0.name=regressor"},
+        ),
+        (["data.name=folder", "data={name: phantom}"], {}),  # the whole section replaced after it
+        (["data.name=folder", "data.name=phantom"], {}),  # the last name is the file's
+        (["run.name=x"], {}),  # not a component's name
+    ],
+)
+def test_switched_components(overrides, switched):
+    assert switched_components(FILE, overrides) == switched
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])
+def test_switching_a_component_keeps_the_other_overrides_in_any_order(order):
+    given = ["data.path=scans", "data.name=folder", "data.spacing_mm=0.5"]
+    result = apply_overrides(FILE, [given[i] for i in order])
+    assert result["data"] == {"name": "folder", "path": "scans", "spacing_mm": 0.5}
+    assert FILE["data"] == {"name": "phantom", "n_train": 32}  # the input is not changed
+
+
+def test_switching_a_metric_or_a_term_empties_only_that_item():
+    result = apply_overrides(FILE, ["evaluate.metrics.1.name=realism", "finetune.strategies.pos.0.name=regressor"])
+    assert result["evaluate"]["metrics"] == [{"name": "effectiveness"}, {"name": "realism"}]
+    assert result["finetune"]["strategies"]["pos"] == [{"name": "regressor"}]
 
 
 keys = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True)

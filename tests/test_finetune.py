@@ -227,6 +227,5 @@ def test_finetuning_moves_only_the_image_mechanism_and_keeps_predictors_bit_iden
 
 
 def test_repeated_guidance_terms_are_a_config_error() -> None:
-    build = builder("test=[{name: regressor}, {name: regressor, weight: 2}]")
-    with pytest.raises(ConfigError, match="appear twice"):
-        build.guidance("test", predictors())
+    with pytest.raises(ConfigError, match="more than once"):
+        builder("test=[{name: regressor}, {name: regressor, weight: 2}]")

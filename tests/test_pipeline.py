@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from causalimg.config.loader import load_config
+from causalimg.errors import DataError
+from causalimg.io import load_tensors, save_tensors
 from causalimg.pipeline.graph import pipeline_stages, run_pipeline
 from causalimg.pipeline.stage import SingleProcess, stage_hashes
 from causalimg.pipeline.stages.predictors import segmentor_half
@@ -74,6 +77,13 @@ def test_tiny_run_end_to_end_then_skip_then_redo_one_strategy(tmp_path, registry
 
     again = run_pipeline(config, registry)
     assert set(statuses(again).values()) == {"skipped"}
+
+    weights = tmp_path / "run" / "pretrain" / "weights.safetensors"
+    original = weights.read_bytes()
+    save_tensors(weights, {k: torch.zeros_like(v) for k, v in load_tensors(weights).items() if torch.is_tensor(v)})
+    with pytest.raises(DataError, match="pretrain/weights.safetensors changed"):  # swapped after the run
+        run_pipeline(config, registry)
+    weights.write_bytes(original)
 
     changed = tiny(tmp_path, registry, "finetune.strategies.regressor=[{name: regressor, weight: 2.0}]")
     redo = statuses(run_pipeline(changed, registry))

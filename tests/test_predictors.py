@@ -13,9 +13,10 @@ from causalimg.core.transform import VariableTransform
 from causalimg.data.phantom import CLASSES as CLASS_NAMES
 from causalimg.errors import ConfigError, DataError
 from causalimg.io import load_module, save_tensors
+from causalimg.predictors.configs import RegressorConfig, SegmentorConfig
 from causalimg.predictors.frozen import freeze, load_frozen
-from causalimg.predictors.regressor import RegressorConfig, build_regressor, evaluate_mae, regressor_objective
-from causalimg.predictors.unet import SegmentorConfig, UNet, dice_ce_loss, evaluate_dice, segmentor_objective
+from causalimg.predictors.regressor import build_regressor, evaluate_mae, regressor_objective
+from causalimg.predictors.unet import UNet, dice_ce_loss, evaluate_dice, segmentor_objective
 
 SMALL = SegmentorConfig(widths=(8, 16, 32))
 NUM_CLASSES = len(CLASS_NAMES)

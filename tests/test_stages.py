@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from causalimg.errors import ConfigError
+from causalimg.errors import ConfigError, DataError, DiskFullError
 from causalimg.io import atomic_path, atomic_write_json
+from causalimg.pipeline import outputs
 from causalimg.pipeline.stage import DONE, Stage, StageContext, config_hash, run_stages, stage_hashes
 
 
@@ -160,3 +162,54 @@ def test_done_file_records_hash_timings_and_config(tmp_path):
     assert done["hash"] == results["pretrain"].hash and done["seconds"] >= 0
     config = json.loads((Path(tmp_path) / "pretrain" / "config.json").read_text())
     assert config["config"] == {"steps": 3} and config["upstream"] == ["data"]
+
+
+def test_a_file_changed_or_deleted_after_a_stage_finished_is_named_on_the_next_run(tmp_path):
+    rec = Recorder()
+    run(pipeline(rec), tmp_path)
+    out = tmp_path / "pretrain" / "out.json"
+    out.write_text(out.read_text().replace("pretrain", "pretrian"))  # same size, other bytes
+    with pytest.raises(DataError, match=r"stage 'pretrain'.*pretrain/out.json changed.*delete the folder"):
+        run(pipeline(rec), tmp_path)
+    out.unlink()
+    with pytest.raises(DataError, match="out.json is missing"):
+        run(pipeline(rec), tmp_path)
+    (tmp_path / "pretrain" / "checkpoints").mkdir()
+    (tmp_path / "data" / "checkpoints").mkdir()
+    (tmp_path / "data" / "checkpoints" / "state.json").write_text("{}")  # checkpoints are not outputs
+    rec.calls.clear()
+    shutil.rmtree(tmp_path / "pretrain")
+    run(pipeline(rec), tmp_path)
+    assert rec.calls == ["pretrain", "finetune/none", "finetune/pos", "report"]
+
+
+def test_large_files_are_digested_by_sampled_blocks_that_still_see_a_rewrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "WHOLE_BYTES", 1000)
+    monkeypatch.setattr(outputs, "BLOCK", 100)
+    path = tmp_path / "cache.npy"
+    path.write_bytes(bytes(range(256)) * 40)
+    before = outputs.digest(path)
+    assert before.startswith("sampled:")
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 1  # one bit in the middle, inside one of the sampled blocks spread over the whole file
+    path.write_bytes(bytes(data))
+    files = {"cache.npy": {"size": path.stat().st_size, "digest": before}}
+    assert outputs.changed(tmp_path, files) == [f"{path} changed"]
+
+
+def test_a_full_disk_in_the_middle_of_a_stage_is_one_message_and_leaves_it_incomplete(tmp_path, monkeypatch):
+    rec = Recorder()
+
+    def body(ctx):
+        (ctx.dir / "half.bin").write_bytes(b"x")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")  # torch's words
+
+    monkeypatch.setattr("causalimg.pipeline.stage.free_bytes", lambda path: 1024)
+    monkeypatch.setattr("causalimg.io.free_bytes", lambda path: 1024)
+    stages = [Stage("data", rec.body, {"n": 8}), Stage("pretrain", body, {"steps": 3}, ("data",))]
+    with pytest.raises(DiskFullError, match=r"no space left.*pretrain.*0 MiB free.*--resume"):
+        run(stages, tmp_path)
+    assert not (tmp_path / "pretrain" / DONE).exists()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room, the same error is no disk problem
+        run(stages, tmp_path)

@@ -22,19 +22,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TOY_CONFIG, TOY_PLUGIN
+from conftest import TOY_CONFIG
 from torch import nn
 
 from causalimg import cli, run
+from causalimg.config.loader import resolve_config_path
 from causalimg.core.transform import VariableTransform
 from causalimg.data.phantom import PhantomConfig, PhantomSource
 from causalimg.errors import DataError
 from causalimg.io import load_module
 from causalimg.mechanisms.hvae import HVAE, HVAEConfig
-from causalimg.plugins.manager import ENV_ONLY
 from causalimg.predictors import frozen
-from causalimg.predictors.regressor import RegressorConfig, build_regressor
-from causalimg.predictors.unet import SegmentorConfig, UNet
+from causalimg.predictors.configs import RegressorConfig, SegmentorConfig
+from causalimg.predictors.regressor import build_regressor
+from causalimg.predictors.unet import UNet
 from causalimg.regions.axial import AxialPartitioner
 
 
@@ -115,15 +116,14 @@ def test_tampered_phantom_cache_is_refused_without_running_it(tmp_path):
 
 # -- run directory escape ------------------------------------------------------------------------
 @pytest.fixture
-def toy_config(toy_plugin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(ENV_ONLY, "toy")
+def toy_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shipped tiny config with a relative run folder, as a file in a working folder."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     path = work / "exp.yaml"
-    path.write_text(
-        yaml.safe_dump({**TOY_CONFIG, "plugins": {"dirs": [str(toy_plugin_dir)]}, "run": {"dir": "runs/a"}})
-    )
+    raw = yaml.safe_load(resolve_config_path("tiny").read_text())
+    path.write_text(yaml.safe_dump({**raw, "run": {"dir": "runs/a", "seed": 0}}))
     return path
 
 
@@ -217,12 +217,11 @@ def test_a_broken_plugin_stops_the_run_by_name_and_leaves_nothing(tmp_path, monk
     source, message = BROKEN[case]
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    (plugins / "toy.py").write_text(TOY_PLUGIN)
     (plugins / "bad.py").write_text(source)
-    monkeypatch.setenv(ENV_ONLY, "toy,bad")
     run_dir = tmp_path / "run"
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump({**TOY_CONFIG, "plugins": {"dirs": [str(plugins)]}, "run": {"dir": str(run_dir)}}))
+    raw = yaml.safe_load(resolve_config_path("tiny").read_text())
+    config.write_text(yaml.safe_dump({**raw, "plugins": {"dirs": [str(plugins)]}, "run": {"dir": str(run_dir)}}))
     modules_before = set(sys.modules)
     assert run.main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
@@ -232,5 +231,4 @@ def test_a_broken_plugin_stops_the_run_by_name_and_leaves_nothing(tmp_path, monk
     if "import" in case:
         assert not {m for m in set(sys.modules) - modules_before if "bad" in m}, "half-imported module left behind"
     (plugins / "bad.py").unlink()  # no registry outlives a load: without the file the same config is valid
-    monkeypatch.setenv(ENV_ONLY, "toy")
     assert cli.main(["validate", str(config)]) == 0

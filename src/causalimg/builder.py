@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from causalimg.core.regions import Partitioner
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM, SCM, AttributeModel
 from causalimg.core.transform import VariableTransform
-from causalimg.errors import ConfigError, DataError
+from causalimg.errors import CausalImgError, ConfigError, DataError, PluginError
 from causalimg.io import load_module
 from causalimg.metrics.base import Metric
 from causalimg.plugins.manager import Registry
@@ -71,28 +72,41 @@ class Builder:
     def __init__(self, config: RunConfig, registry: Registry):
         self.config, self.registry = config, registry
 
+    def _make(self, kind: str, config: Any, **kwargs: Any) -> Any:
+        """A registered component from its config; a plugin whose factory fails is named, not a traceback."""
+        spec = self.registry.get(kind, config.name)
+        try:
+            return spec.factory(config, **kwargs)
+        except CausalImgError:
+            raise
+        except Exception as err:
+            raise PluginError(
+                f"{kind} {config.name!r} ({spec.provider or 'registered at run time'}) failed to build: "
+                f"{type(err).__name__}: {str(err)[:300]}"
+            ) from err
+
     # -- data ----------------------------------------------------------------------------------
     def partitioner(self) -> Partitioner:
         regions = self.config.regions
-        return self.registry.get("partitioner", regions.name).factory(regions)  # type: ignore[no-any-return]
+        return self._make("partitioner", regions)
 
     def data_source(self, root: Path) -> DataSource:
         """The configured data set, caching what it generates under ``root`` (the data stage's folder)."""
-        data = self.config.data
-        spec = self.registry.get("dataset", data.name)
-        return spec.factory(data, partitioner=self.partitioner(), root=Path(root))  # type: ignore[no-any-return]
+        return self._make("dataset", self.config.data, partitioner=self.partitioner(), root=Path(root))
 
     # -- the causal model ----------------------------------------------------------------------
     def image_mechanism(self, schema: VariableSchema, image_shape: tuple[int, int]) -> nn.Module:
-        config = self.config.image_mechanism
-        spec = self.registry.get("image_mechanism", config.name)
-        return spec.factory(config, image_shape=tuple(image_shape), num_parents=len(schema.names))  # type: ignore[no-any-return]
+        return self._make(
+            "image_mechanism",
+            self.config.image_mechanism,
+            image_shape=tuple(image_shape),
+            num_parents=len(schema.names),
+        )
 
     def attribute_mechanisms(self, schema: VariableSchema) -> dict[str, nn.Module]:
         """One attribute mechanism per variable, conditioned on its parents in the data's graph."""
         config = self.config.flows
-        spec = self.registry.get("attribute_mechanism", config.name)
-        return {v: spec.factory(config, num_context=len(parents)) for v, parents in schema.graph.items()}
+        return {v: self._make("attribute_mechanism", config, num_context=len(p)) for v, p in schema.graph.items()}
 
     def attribute_model(self, schema: VariableSchema, transform: VariableTransform) -> AttributeModel:
         """The untrained flows alone (what the flows stage fits)."""
@@ -126,12 +140,8 @@ class Builder:
     # -- fine-tuning ---------------------------------------------------------------------------
     def guidance(self, label: str, predictors: GuidancePredictors) -> list[GuidanceStrategy]:
         """One strategy per guidance term of ``finetune.strategies[label]`` (none for No-CFT)."""
-        terms = self.config.finetune.strategies[label]
-        names = [term.name for term in terms]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ConfigError(f"finetune.strategies.{label}: guidance term(s) {repeated} appear twice")
-        return [self.registry.get("guidance", t.name).factory(t, predictors=predictors) for t in terms]
+        terms = self.config.finetune.strategies[label]  # validated: each term at most once
+        return [self._make("guidance", t, predictors=predictors) for t in terms]
 
     def finetuning(
         self,
@@ -160,4 +170,4 @@ class Builder:
 
     # -- evaluation ----------------------------------------------------------------------------
     def metrics(self) -> Mapping[str, Metric]:
-        return {m.name: self.registry.get("metric", m.name).factory(m) for m in self.config.evaluate.metrics}
+        return {m.name: self._make("metric", m) for m in self.config.evaluate.metrics}

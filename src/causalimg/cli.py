@@ -102,6 +102,11 @@ def _validate(args: argparse.Namespace) -> int:
     from causalimg.config.loader import dump_config, load_config
 
     config = load_config(args.config, args.overrides)
+    from causalimg.plugins.manager import load_registry  # torch and the plugins: only for a config that parsed
+    from causalimg.preflight import preflight
+
+    for note in preflight(config, load_registry(config.plugins.dirs)):  # what the run would refuse before its stages
+        print(f"note: {note}", file=sys.stderr)
     if args.show:
         print(dump_config(config), end="")
     print(f"{args.config}: valid", file=sys.stderr)
@@ -179,12 +184,19 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     return parser
 
 
+MAX_MESSAGE = 2000  # characters of one error message: a message never echoes a whole input
+
+
 def report_errors(run: Callable[[], int], prog: str = "causalimg") -> int:
-    """Run ``run``; a CausalImgError becomes one message on stderr and its exit status."""
+    """Run ``run``; a CausalImgError becomes one message on stderr (at most MAX_MESSAGE characters)
+    and its exit status."""
     try:
         return run()
     except CausalImgError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        message = str(err)
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE:,} more characters)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

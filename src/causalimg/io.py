@@ -16,14 +16,12 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from causalimg.errors import DataError, DiskFullError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: reading a config needs none
+    from torch import Tensor, nn
 
 NUMBERS_KEY = "numbers"  # safetensors metadata entry holding a state's plain numbers as JSON
 
@@ -113,10 +111,13 @@ def read_json(path: Path) -> Any | None:
 # -- tensors -------------------------------------------------------------------------------------
 def save_tensors(path: Path, state: Mapping[str, Tensor | int | float | bool]) -> None:
     """Save a flat state of tensors and plain numbers (kept in the metadata) as safetensors, atomically."""
+    import torch
+    from safetensors.torch import save_file
+
     tensors: dict[str, Tensor] = {}
     numbers: dict[str, Any] = {}
     for key, value in state.items():
-        if isinstance(value, Tensor):
+        if isinstance(value, torch.Tensor):
             # a copy: tied weights share memory, which safetensors refuses to write
             tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         elif isinstance(value, (bool, int, float)):
@@ -141,6 +142,9 @@ def _checked_path(path: Path) -> Path:
 
 def load_tensors(path: Path) -> dict[str, Tensor | int | float | bool]:
     """Read a file written by :func:`save_tensors` (or any plain safetensors file)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     path = _checked_path(path)
     try:
         tensors: dict[str, Any] = load_file(path)
@@ -158,7 +162,9 @@ def load_module(module: nn.Module, path: Path, prefix: str = "") -> nn.Module:
     With ``prefix`` only the keys under it are read (and the prefix stripped). A missing or
     unexpected key, or a tensor of another shape, is one ``DataError`` naming the file and tensor.
     """
-    state = {k: v for k, v in load_tensors(path).items() if isinstance(v, Tensor)}
+    import torch
+
+    state = {k: v for k, v in load_tensors(path).items() if isinstance(v, torch.Tensor)}
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()

@@ -8,6 +8,7 @@ the stages in ``STAGES`` order. Fine-tuning runs once per strategy label of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -15,14 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from causalimg.cli import add_config_arguments, report_errors
 from causalimg.config.loader import dump_config, load_config
-from causalimg.config.sections import TrainConfig
 from causalimg.errors import ConfigError
 from causalimg.io import atomic_write_text
-from causalimg.pipeline.graph import run_pipeline
+from causalimg.pipeline.lock import hold_run_folder
 from causalimg.plugins.manager import load_registry
-from causalimg.training.accelerator import finish, make_accelerator
 
 STAGES: tuple[str, ...] = ("data", "flows", "predictors", "pretrain", "finetune", "evaluate", "report")
 RESOLVED_CONFIG = "config.yaml"
@@ -68,11 +69,22 @@ def is_main_process() -> bool:
 
 
 def check_resume(run_dir: Path, resolved: str) -> None:
-    """Resuming needs the run's saved config, unchanged: a changed config is a new run."""
+    """Resuming needs the run's saved config, unchanged: a changed config is a new run.
+
+    ``run.dir`` is left out of the comparison: the folder is where the run is, so a run folder
+    that was moved or copied resumes where it lies.
+    """
     saved = run_dir / RESOLVED_CONFIG
     if not saved.is_file():
         raise ConfigError(f"--resume: {str(saved)!r} does not exist; there is no run to resume in {str(run_dir)!r}")
-    if saved.read_text() != resolved:
+
+    def without_dir(text: str) -> object:
+        data = yaml.safe_load(text)
+        if isinstance(data, dict) and isinstance(data.get("run"), dict):
+            data["run"].pop("dir", None)
+        return data
+
+    if without_dir(saved.read_text()) != without_dir(resolved):
         raise ConfigError(
             f"--resume: the config differs from the one saved in {str(saved)!r}; "
             "use a new run.dir or drop --resume to start over"
@@ -82,6 +94,20 @@ def check_resume(run_dir: Path, resolved: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     resolved = dump_config(config)
+    run_dir = Path(config.run.dir)
+    from causalimg.preflight import preflight  # torch and the plugins: only for a config that parsed
+
+    registry = load_registry(config.plugins.dirs)
+    notes = preflight(config, registry)  # everything knowable before a stage runs: no run folder for a bad config
+    if is_main_process():
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    with hold_run_folder(run_dir) if is_main_process() else contextlib.nullcontext():
+        return run_locked(args, config, registry, resolved)
+
+
+def run_locked(args: argparse.Namespace, config: Any, registry: Any, resolved: str) -> int:
+    """The run, once this process holds the run folder."""
     run_dir = Path(config.run.dir)
     if args.resume:
         check_resume(run_dir, resolved)
@@ -95,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"  {i}. {step}" for i, step in enumerate(steps, start=1)))
     if args.dry_run:
         return 0
-    registry = load_registry(config.plugins.dirs)
+    from causalimg.config.sections import TrainConfig  # the heavy imports (torch) only once a config is valid
+    from causalimg.pipeline.graph import run_pipeline
+    from causalimg.training.accelerator import finish, make_accelerator
+
     accelerator = make_accelerator(TrainConfig(), run_dir)
     ok = False
     try:

@@ -9,13 +9,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
-HEADER = """# Config reference
+from causalimg.config.loader import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_VALUES
+from causalimg.strict import MAX_SEED
+
+HEADER = f"""# Config reference
 
 Generated from the run config's JSON schema by
 `causalimg schema --markdown --builtin-only > docs/config.md`; do not edit by hand.
-Configs are YAML or TOML; every field can be overridden with `--set dotted.name=value`.
+Configs are YAML or TOML files of at most {MAX_CONFIG_BYTES // 1024} KiB; a key given twice in one mapping is an error
+(in YAML as in TOML), and YAML aliases may not expand a file past {MAX_VALUES:,} values or {MAX_DEPTH} levels.
+Unknown keys are errors, and so are inf and NaN in any number, seeds above {MAX_SEED:,} (2^32 - 1),
+integers outside the 64-bit range, a guidance term or a metric named twice in one list and a
+`predictors.regressor.model` that timm does not know: `causalimg validate` finds them all.
+
+Every field can be overridden with `--set dotted.name=value`; the value is read as YAML.
 A plugin section selects its component by `name`; `regions: grid` is short for
-`regions: {name: grid}`. Unknown keys are errors.
+`regions: {{name: grid}}`. An override that changes a component's `name` starts that section from
+the new component's defaults plus the other overrides given for it, in any order: with
+`--set data.name=folder --set data.path=scans --set data.spacing_mm=0.5` the phantom's fields of
+the file are dropped. The same holds for one term of a strategy
+(`finetune.strategies.<label>.<i>.name`) and one metric (`evaluate.metrics.<i>.name`). One override
+can also replace a whole section: `--set 'data={{name: folder, path: scans, spacing_mm: 0.5}}'`.
 """
 
 
@@ -54,9 +68,11 @@ class _Writer:
         if kind == "array" and "prefixItems" in node:
             return "[" + ", ".join(self.type_text(item) for item in node["prefixItems"]) + "]"
         if kind == "array":
-            return f"list of {self.type_text(node.get('items', {}))}"
+            least = f" (at least {node['minItems']})" if node.get("minItems") else ""
+            return f"list of {self.type_text(node.get('items', {}))}{least}"
         if kind == "object" and isinstance(node.get("additionalProperties"), dict):
-            return f"map of {self.type_text(node['additionalProperties'])}"
+            least = f" (at least {node['minProperties']})" if node.get("minProperties") else ""
+            return f"map of {self.type_text(node['additionalProperties'])}{least}"
         if kind is None:
             return "any"
         text = "path" if node.get("format") == "path" else str(kind)

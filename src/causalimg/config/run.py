@@ -8,12 +8,15 @@ and a "did you mean"; a kind with no registered plugin fails with a message that
 
 from __future__ import annotations
 
+import difflib
 import functools
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -23,7 +26,7 @@ from pydantic import (
     create_model,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from causalimg.config.sections import (
     ConstraintConfig,
@@ -154,13 +157,35 @@ def _plugin_name_check(registry: Registry, kind: str):
     return check
 
 
+def _each_once(noun: str, advice: str) -> AfterValidator:
+    """A list of components in which each name may appear once: a strategy sums its guidance terms
+    and the evaluation keys its metrics by name, so a repeat is a mistake (fine-tuning refused it
+    only after every earlier stage had run; a repeated metric silently replaced the first)."""
+
+    def check(items: list[Any]) -> list[Any]:
+        names = [getattr(item, "name", None) for item in items]
+        repeated = [n for n in dict.fromkeys(names) if n is not None and names.count(n) > 1]
+        if repeated:
+            where = "; ".join(
+                f"{str(n)!r} at {' and '.join(str(i) for i, m in enumerate(names) if m == n)}" for n in repeated
+            )
+            raise PydanticCustomError(
+                "repeated_name",
+                "{noun} appears more than once ({where}); {advice}",
+                {"noun": noun, "where": where, "advice": advice},
+            )
+        return items
+
+    return AfterValidator(check)
+
+
 def plugin_union(registry: Registry, kind: str) -> Any:
     """The annotation of a section that selects one ``kind`` component by its ``name``."""
     configs = tuple(spec.config for spec in registry.specs(kind).values())
     check = BeforeValidator(_plugin_name_check(registry, kind))
     if not configs:
         return Annotated[Any, check]
-    return Annotated[Union[configs], Field(discriminator="name"), check]  # type: ignore[valid-type]  # noqa: UP007 (a runtime tuple of types)
+    return Annotated[Union[configs], Field(discriminator="name"), check]  # noqa: UP007 (a runtime tuple of types)
 
 
 def _default_config(registry: Registry, kind: str, name: str) -> BaseModel | None:
@@ -199,23 +224,75 @@ def build_run_config_model(registry: Registry) -> type[RunConfig]:
     _check_guidance_weights(registry)
     guidance_term = plugin_union(registry, "guidance")
     metric = plugin_union(registry, "metric")
+    # annotations built at run time from the registry: typed Any for the type checker
+    terms: Any = Annotated[list[guidance_term], _each_once("guidance", "give each term once, with its weight")]  # type: ignore[valid-type]
+    strategies: Any = dict[str, terms]
+    metrics: Any = Annotated[list[metric], _each_once("metric", "give each metric once")]  # type: ignore[valid-type]
     finetune = create_model(
         "FinetuneSection",
         __base__=FinetuneSection,
         __doc__=FinetuneSection.__doc__,
-        strategies=(dict[str, list[guidance_term]], {"none": []}),  # type: ignore[valid-type]
+        strategies=(strategies, {"none": []}),
     )
     evaluate = create_model(
         "EvaluateSection",
         __base__=EvaluateSection,
         __doc__=EvaluateSection.__doc__,
-        metrics=(list[metric], Field(default_factory=lambda: _all_default_metrics(registry))),  # type: ignore[valid-type]
+        metrics=(metrics, Field(default_factory=lambda: _all_default_metrics(registry))),
     )
+    sections: dict[str, Any] = {section: _plugin_field(registry, kind) for section, kind in PLUGIN_SECTIONS.items()}
     return create_model(
         "RunConfig",
         __base__=RunConfig,
         __doc__=RunConfig.__doc__,
-        **{section: _plugin_field(registry, kind) for section, kind in PLUGIN_SECTIONS.items()},
         finetune=(finetune, finetune()),
         evaluate=(evaluate, Field(default_factory=evaluate)),
+        **sections,
     )
+
+
+# The range of a 64-bit signed integer: every integer a config hands to torch or NumPy must fit.
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def config_checks(config: BaseModel) -> list[InitErrorDetails]:
+    """What the models' fields cannot check alone, run once a config validates: numbers that no
+    tensor can hold (in any plugin's config, whatever its base class) and model names of libraries."""
+    errors = list(_number_errors(config.model_dump(), ()))
+    regressor = getattr(getattr(config, "predictors", None), "regressor", None)
+    if regressor is not None:
+        errors += _timm_errors(regressor.model, ("predictors", "regressor", "model"))
+    return errors
+
+
+def _number_errors(value: Any, loc: tuple[str | int, ...]) -> Any:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        yield _error("finite_number", "Input should be a finite number", loc, value)
+    elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        yield _error("int64", "Input should fit in a 64-bit integer (|value| < 2^63)", loc, value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _number_errors(item, (*loc, key))
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        for index, item in enumerate(value):
+            yield from _number_errors(item, (*loc, index))
+
+
+def _timm_errors(name: str, loc: tuple[str | int, ...]) -> list[InitErrorDetails]:
+    """timm knows the name, or the message lists close matches (timm is imported only here: 3 s)."""
+    import timm
+
+    if timm.is_model(name):
+        return []
+    known = timm.list_models()
+    close = difflib.get_close_matches(name[:100], known, n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    message = f"not a timm model{hint} (`timm.list_models()` lists the {len(known)} names)"
+    return [_error("unknown_model", message, loc, name)]
+
+
+def _error(kind: str, message: str, loc: tuple[str | int, ...], value: Any) -> InitErrorDetails:
+    """One error as pydantic reports it; the message is passed as context, never as a template."""
+    return InitErrorDetails(type=PydanticCustomError(kind, "{message}", {"message": message}), loc=loc, input=value)

@@ -7,20 +7,22 @@ defaults than the generic one (``flows_train``, ``finetune.train``) is a class o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from causalimg.predictors.regressor import RegressorConfig
-from causalimg.predictors.unet import SegmentorConfig
-from causalimg.strict import StrictModel
+from causalimg.predictors.configs import RegressorConfig, SegmentorConfig
+from causalimg.strict import Seed, StrictModel
+
+# An Adam(W) beta: torch refuses values outside [0, 1) when the optimizer is built, stages later.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class RunSection(StrictModel):
     """Where outputs go and the seed every random choice derives from."""
 
     dir: Path = Path("runs/default")
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
 
 
 class PluginsSection(StrictModel):
@@ -42,7 +44,7 @@ class TrainConfig(StrictModel):
     steps: PositiveInt = 1000
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     weight_decay: NonNegativeFloat = 0.01
     warmup_steps: NonNegativeInt = 100
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)

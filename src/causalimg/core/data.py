@@ -39,6 +39,11 @@ class DataSource(Protocol):
     def split(self, name: Split) -> Dataset: ...
 
 
+def split_size(split: Dataset) -> int:
+    """The number of items of a split (map-style data sets have a length; torch's type does not say so)."""
+    return len(split)  # type: ignore[arg-type]
+
+
 @runtime_checkable
 class TrueCounterfactuals(Protocol):
     """A data set that can render the TRUE counterfactual of its own images (the phantom can)."""

@@ -1,5 +1,10 @@
 """Mechanism contracts: what the DSCM needs from an image mechanism and an attribute mechanism.
 
+Required: ``ImageMechanism`` and ``AttributeMechanism``. Optional capabilities are protocols of
+their own, checked by type where a stage can use them (``causalimg.testing`` checks them too):
+``HasEncoder`` (a bottom-up encoder that decoder-only fine-tuning leaves frozen) and
+``Reconstructs`` (a picture of what the model sees in an image, for the pretraining check).
+
 Image mechanism x := g(z, pa_x) with exogenous state (latents z, pixel noise u); attribute
 mechanism v := f(u; pa_v), an invertible map so that abduction u = f^-1(v; pa_v) is exact.
 All parent tensors here are NORMALISED (see ``VariableTransform``).
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -49,6 +55,22 @@ class ImageMechanism(Protocol):
 
     def sample(self, pa: torch.Tensor, t: float = 1.0) -> torch.Tensor:
         """Fresh images under parents pa from the prior at temperature t."""
+        ...
+
+
+@runtime_checkable
+class HasEncoder(Protocol):
+    """An image mechanism with a bottom-up ``encoder`` module (abduction), apart from its generative path."""
+
+    encoder: nn.Module
+
+
+@runtime_checkable
+class Reconstructs(Protocol):
+    """An image mechanism that can show what it makes of an image under its factual parents."""
+
+    def reconstruct(self, x: torch.Tensor, pa: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [-1, 1]: the decoded mean of x's abducted state, without its pixel noise."""
         ...
 
 

@@ -133,6 +133,13 @@ class AttributeModel(nn.Module):
         self._col = {n: i for i, n in enumerate(transform.names)}
 
     # -- helpers -------------------------------------------------------------------------------
+    def mechanism(self, name: str) -> AttributeMechanism:
+        return self.attributes[name]  # type: ignore[return-value]  # checked in __init__
+
+    def mechanisms(self) -> list[tuple[str, AttributeMechanism]]:
+        """(variable, its mechanism) in topological order."""
+        return [(name, self.mechanism(name)) for name in self.attributes]
+
     def _context(self, v: str, values: torch.Tensor) -> torch.Tensor | None:
         """Normalised parents of ``v`` from (B, P) normalised values: (B, |pa(v)|), or None for a root."""
         ps = self.scm.parents[v]
@@ -168,7 +175,7 @@ class AttributeModel(nn.Module):
         self._check_pa(pa)
         v = self.transform.normalise(pa)
         u = torch.empty_like(v)
-        for name, mech in self.attributes.items():
+        for name, mech in self.mechanisms():
             i = self._col[name]
             u[:, i : i + 1] = mech.inverse_map(v[:, i : i + 1], self._context(name, v))
         return u
@@ -189,7 +196,7 @@ class AttributeModel(nn.Module):
         for name in self.scm.order:
             if name in changed:
                 i = self._col[name]
-                v[:, i : i + 1] = self.attributes[name].forward_map(u[:, i : i + 1], self._context(name, v))
+                v[:, i : i + 1] = self.mechanism(name).forward_map(u[:, i : i + 1], self._context(name, v))
         new = self.transform.denormalise(v)
         for name in changed:
             out[:, self._col[name]] = new[:, self._col[name]]
@@ -200,7 +207,7 @@ class AttributeModel(nn.Module):
         self._check_pa(pa)
         v = self.transform.normalise(pa)
         total = torch.zeros(pa.shape[0], dtype=v.dtype, device=v.device)
-        for name, mech in self.attributes.items():
+        for name, mech in self.mechanisms():
             i = self._col[name]
             total = total + mech.log_prob(v[:, i : i + 1], self._context(name, v))
         return total
@@ -210,7 +217,7 @@ class AttributeModel(nn.Module):
         """Ancestral samples of the variables: (n, P) in data units."""
         device = next(self.parameters()).device
         v = torch.zeros(n, len(self._col), device=device)
-        for name, mech in self.attributes.items():
+        for name, mech in self.mechanisms():
             i = self._col[name]
             v[:, i : i + 1] = mech.forward_map(torch.randn(n, 1, device=device), self._context(name, v))
         return self.transform.denormalise(v)

@@ -60,8 +60,9 @@ class FolderConfig(StrictModel):
     name: Literal["folder"] = "folder"
     path: Path
     spacing_mm: PositiveFloat | None = None
-    label_map: dict[int, str] | None = None  # file label value -> class name
-    structures: dict[str, StructureConfig] | None = None  # class -> its variables; None: every class but label 0's
+    label_map: dict[int, str] | None = Field(None, min_length=1)  # file label value -> class name
+    # class -> its variables; None: every class but label 0's
+    structures: dict[str, StructureConfig] | None = Field(None, min_length=1)
     window: tuple[float, float] | None = None  # HU window mapped to [-1, 1]; None: images already in [-1, 1]
     on_bad_file: Literal["error", "skip"] = "error"
 
@@ -215,15 +216,15 @@ class FolderSource:
         if image.ndim == 2:
             image = image.astype(np.float64) / (2**bits - 1) * 2.0 - 1.0
         meta_path = path.with_suffix(".json")
-        meta: dict[str, Any] = {}
+        described: dict[str, Any] = {}
         if meta_path.exists():
             try:
-                meta = json.loads(meta_path.read_text())
+                described = json.loads(meta_path.read_text())
             except json.JSONDecodeError as err:
                 raise _BadFile(f"metadata {meta_path.name} is not valid JSON ({err})") from None
-            if not isinstance(meta, dict):
-                raise _BadFile(f"metadata {meta_path.name} must hold a JSON object, not a {type(meta).__name__}")
-        return image, mask, {**meta, "source": str(path)}
+            if not isinstance(described, dict):
+                raise _BadFile(f"metadata {meta_path.name} must hold a JSON object, not a {type(described).__name__}")
+        return image, mask, {**described, "source": str(path)}
 
     def _check_spacing(self, spacing: Any) -> None:
         """A file that states its own pixel spacing must agree with ``data.spacing_mm``."""
@@ -299,7 +300,7 @@ class FolderSource:
                 shape = tuple(image.shape[1:])
                 if self.image_shape is not None and shape != self.image_shape:
                     raise DataError(f"{path}: image shape {shape} differs from the data set's {self.image_shape}")
-                regions = self.partitioner.masks(*shape, self.spacing_mm, meta)  # (K, H, W)
+                regions = self.partitioner.masks(shape[0], shape[1], self.spacing_mm, meta)  # (K, H, W)
                 pa = self.schema.measure(masks[None], regions[None], self.spacing_mm**2)[0]
             except DataError as err:
                 if self.config.on_bad_file == "error":

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 from torch.utils.data import Dataset
 
 import causalimg
@@ -35,7 +35,7 @@ from causalimg.data import phantom_geometry as geo
 from causalimg.data import phantom_render as render
 from causalimg.errors import CausalImgError, ConfigError, DataError, InterventionError
 from causalimg.plugins.specs import DatasetSpec
-from causalimg.strict import StrictModel
+from causalimg.strict import Seed, StrictModel
 
 GENERATOR_VERSION = 1  # bump when the generative model changes: it invalidates caches
 CHUNK = 64  # images rendered per vectorised call
@@ -50,7 +50,7 @@ class PhantomConfig(StrictModel):
     n_train: PositiveInt = 4000
     n_val: PositiveInt = 500
     n_test: PositiveInt = 500
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     age_effect: NonNegativeFloat = 0.0  # > 0 adds an age root that raises every plaque area
     cache: bool = True  # keep generated splits on disk under the data root
 

@@ -32,11 +32,11 @@ class HVAEConfig(StrictModel):
 
     name: Literal["hvae"] = "hvae"
     preset: Literal["cpu", "paper"] | None = "cpu"
-    widths: tuple[PositiveInt, ...] | None = None
-    enc_blocks: tuple[PositiveInt, ...] | None = None
-    dec_blocks: tuple[PositiveInt, ...] | None = None
+    widths: tuple[PositiveInt, ...] | None = Field(None, min_length=1)
+    enc_blocks: tuple[PositiveInt, ...] | None = Field(None, min_length=1)
+    dec_blocks: tuple[PositiveInt, ...] | None = Field(None, min_length=1)
     # (fh, fw) per downsampling stage; None: halve both sides while they are even and > 1, then pool to 1 x 1
-    stage_factors: tuple[tuple[PositiveInt, PositiveInt], ...] | None = None
+    stage_factors: tuple[tuple[PositiveInt, PositiveInt], ...] | None = Field(None, min_length=1)
     bottleneck: PositiveFloat | None = None  # inner width of every block = width * bottleneck
     z_dim: PositiveInt | None = None  # latent channels per stochastic block
     # latent max resolution, counted in stages from 1 x 1 upwards (None: every stage but the input's)

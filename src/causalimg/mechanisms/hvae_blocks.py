@@ -14,6 +14,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from causalimg.core.likelihood import discretised_gaussian_nll
+
 LOG_SCALE_MIN = -9.0  # pixel log-scale floor of the discretised Gaussian
 SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(0 + SOFTPLUS_ONE) = 1: zero-initialised nets give unit scales
 
@@ -227,14 +229,7 @@ class DiscretisedGaussian(nn.Module):
     @staticmethod
     def nll(x: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
         """-log P(x) per pixel (B, 1, H, W); edge bins absorb the tails."""
-        inv_scale = torch.exp(-log_scale)
-        upper = torch.special.ndtr(inv_scale * (x - loc + 1 / 255))
-        lower = torch.special.ndtr(inv_scale * (x - loc - 1 / 255))
-        log_mid = torch.log((upper - lower).clamp(min=1e-12))
-        log_left = torch.log(upper.clamp(min=1e-12))
-        log_right = torch.log((1 - lower).clamp(min=1e-12))
-        log_p = torch.where(x < -0.999, log_left, torch.where(x > 0.999, log_right, log_mid))
-        return -log_p
+        return discretised_gaussian_nll(x, loc, log_scale)
 
 
 def _noise(like: torch.Tensor) -> torch.Tensor:

@@ -165,8 +165,8 @@ def intervention_targets(index: torch.Tensor, transform: VariableTransform, seed
     Drawn from a generator keyed by (seed, stream, image index), so an image gets the same targets
     whatever the batch size, the number of processes or the order of evaluation.
     """
-    u = np.stack([np.random.default_rng([seed, stream, int(i)]).random(len(transform.names)) for i in index.tolist()])
-    u = torch.as_tensor(u, dtype=torch.float32).reshape(len(index), len(transform.names))  # (B, P)
+    draws = [np.random.default_rng([seed, stream, int(i)]).random(len(transform.names)) for i in index.tolist()]
+    u = torch.as_tensor(np.stack(draws), dtype=torch.float32).reshape(len(index), len(transform.names))  # (B, P)
     return transform.low + u * (transform.high - transform.low)
 
 

@@ -8,9 +8,13 @@ Life of a stage directory:
   1. ``started.json`` (hash) is written before the stage body runs. If a directory holds a
      ``started.json`` of ANOTHER hash, its contents belong to another config and are deleted; with
      the same hash they are kept, so a training stage can resume from its own checkpoints.
-  2. The body writes its outputs with the ``atomic_*`` helpers (temp file + rename).
-  3. ``done.json`` (hash, timings, summary) is written last, atomically. Only a ``done.json`` that
-     parses and carries the current hash marks a stage complete; anything else is redone.
+  2. The body writes its outputs with the ``causalimg.io`` atomic helpers (temp file + rename); a
+     failure with the disk nearly full is one ``DiskFullError`` naming the free space.
+  3. Its training checkpoints are removed (they serve an unfinished stage only), then
+     ``done.json`` (hash, timings, summary, size and digest of every file left) is written last,
+     atomically. Only a ``done.json`` that parses and carries the current hash marks a stage
+     complete; anything else is redone. A complete stage whose files changed since is refused by
+     name (``pipeline.outputs``).
 
 Selection: ``only=S`` redoes S alone; ``start=S`` redoes S and every later stage; S may be a
 group (``finetune`` for every ``finetune/<label>``). The stages they depend on must already be
@@ -29,12 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from causalimg.errors import ConfigError
-from causalimg.io import atomic_write_json, read_json
+from causalimg.errors import ConfigError, DataError, DiskFullError
+from causalimg.io import atomic_write_json, disk_full, free_bytes, is_disk_full, read_json
+from causalimg.pipeline import outputs
 
 DONE = "done.json"
 STARTED = "started.json"
 CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"  # the training loop's folder of a stage
+LOW_SPACE = 64 * 2**20  # a stage that fails with less free space than this failed for lack of it
 
 
 class ProcessGroup(Protocol):
@@ -209,6 +216,13 @@ def run_stages(
                 )
             if complete:
                 done = completion(stage_dir)
+                assert done is not None  # complete means a done.json of this hash
+                problems = outputs.changed(stage_dir, done.get("files", {}))
+                if problems:
+                    raise DataError(
+                        f"stage {stage.name!r} finished, but since then {'; '.join(problems[:3])}: restore the "
+                        f"file, or delete the folder {stage_dir} to redo the stage and what depends on it"
+                    )
                 finished[stage.name] = done["finished"]
                 if not forced or stage.name in needed:
                     log(f"[{stage.name}] up to date ({stage_hash[:12]}), skipped")
@@ -222,9 +236,16 @@ def run_stages(
             )
         context = StageContext(stage.name, stage_dir, stage_hash, {u: run_dir / u for u in stage.upstream}, group)
         began = time.perf_counter()
-        summary = dict(stage.run(context) or {})
+        try:
+            summary = dict(stage.run(context) or {})
+        except Exception as err:  # a full disk surfaces as many libraries' errors: name it once
+            if not isinstance(err, DiskFullError) and (is_disk_full(err) or free_bytes(stage_dir) < LOW_SPACE):
+                raise disk_full(stage_dir, err) from err
+            raise
         seconds = time.perf_counter() - began
         group.wait_for_everyone()
+        if group.is_main_process:  # checkpoints serve an unfinished stage only: a finished one keeps its outputs
+            shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
         stamp = time.time()
         if group.is_main_process:
             done = {
@@ -233,10 +254,14 @@ def run_stages(
                 "finished": stamp,
                 "upstream_finished": upstream_finished,
                 "summary": summary,
+                "files": outputs.record(stage_dir, {DONE, STARTED}),
             }
             atomic_write_json(stage_dir / DONE, done)
         group.wait_for_everyone()
-        finished[stage.name] = completion(stage_dir)["finished"]
+        recorded = completion(stage_dir)
+        if recorded is None:
+            raise DataError(f"stage {stage.name!r}: {stage_dir / DONE} could not be read back after it was written")
+        finished[stage.name] = recorded["finished"]
         log(f"[{stage.name}] done in {seconds:.1f} s")
         results[stage.name] = StageResult(stage.name, stage_hash, "ran", seconds, summary)
     return results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
 
 import timm
 import torch
@@ -12,14 +11,7 @@ from torch import nn
 
 from causalimg.core.transform import VariableTransform
 from causalimg.errors import ConfigError
-from causalimg.strict import StrictModel
-
-
-class RegressorConfig(StrictModel):
-    """Which timm architecture; trained from scratch on one channel (no downloads)."""
-
-    model: str = "resnet18"  # a timm model name
-    loss: Literal["l1", "l2"] = "l2"
+from causalimg.predictors.configs import RegressorConfig
 
 
 def build_regressor(config: RegressorConfig, num_outputs: int) -> nn.Module:

@@ -12,19 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
-from pydantic import Field, PositiveInt
 from torch import nn
 
 from causalimg.errors import ConfigError
-from causalimg.strict import StrictModel
-
-
-class SegmentorConfig(StrictModel):
-    """U-Net size: one width per level; the image is halved ``len(widths) - 1`` times."""
-
-    widths: tuple[PositiveInt, ...] = Field((16, 32, 64), min_length=2)
-    blocks: PositiveInt = 1  # residual blocks per level and side
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+from causalimg.predictors.configs import SegmentorConfig
 
 
 def _groups(channels: int) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 
-from causalimg.core.data import DataSource, Split
+from causalimg.core.data import DataSource, Split, split_size
 
 PALETTE = ("cyan", "gold", "tab:red", "lime", "magenta", "tab:orange", "tab:blue", "white")  # one per structure
 
@@ -27,7 +27,7 @@ def render_contact_sheet(source: DataSource, split: Split, n: int, path: Path | 
     schema = source.schema
     colours = {s.label: PALETTE[i % len(PALETTE)] for i, s in enumerate(schema.structures)}
     titles = {s.label: s.title or s.name for s in schema.structures}
-    n = min(n, len(data))
+    n = min(n, split_size(data))
     h, w = source.image_shape
     extent = (0.0, w * source.spacing_mm, h * source.spacing_mm, 0.0)  # mm: x along, y across
     width_in = 11.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations, pairwise
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ def paired_differences(
                 continue
             errors_later = per_image_errors(rows[later][key][a], schema)
             errors_earlier = per_image_errors(rows[earlier][key][b], schema)
-            entry = {"later": later, "earlier": earlier, "measured_by": source}
+            entry: dict[str, Any] = {"later": later, "earlier": earlier, "measured_by": source}
             for quantity in QUANTITIES:
                 entry[quantity] = mean_ci(errors_later[quantity] - errors_earlier[quantity])
             out.append(entry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -44,8 +46,8 @@ class EMA:
     def state_dict(self) -> dict[str, Tensor | int]:
         return {"updates": self.updates, **{f"shadow.{k}": v for k, v in self.shadow.items()}}
 
-    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Tensor | int | float | bool]) -> None:
         self.updates = int(state["updates"])
         for key, value in state.items():
-            if key.startswith("shadow."):
+            if key.startswith("shadow.") and isinstance(value, Tensor):
                 self.shadow[key.removeprefix("shadow.")].copy_(value)

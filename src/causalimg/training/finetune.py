@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from causalimg.core.guidance import GuidanceInputs, GuidanceStrategy
+from causalimg.core.mechanism import HasEncoder
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
 from causalimg.errors import ConfigError, DataError
@@ -44,13 +45,12 @@ def select_trainable(dscm: DSCM, trainable: Literal["all", "decoder"]) -> list[n
     image = dscm.image
     if trainable == "all":
         return list(image.parameters())
-    encoder = getattr(image, "encoder", None)
-    if not isinstance(encoder, nn.Module):
+    if not isinstance(image, HasEncoder) or not isinstance(image.encoder, nn.Module):
         raise ConfigError(
             f"finetune.trainable='decoder' needs an image mechanism with an `encoder` submodule; "
             f"{type(image).__name__} has none: use trainable='all'"
         )
-    frozen = {id(p) for p in encoder.parameters()}
+    frozen = {id(p) for p in image.encoder.parameters()}
     return [p for p in image.parameters() if id(p) not in frozen]
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,7 +120,7 @@ def _batches(
     seed: int,
     start: int,
     collate_fn: Callable[[list[Any]], Any] | None,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Endless stream of this rank's micro-batches on the device, beginning at micro-batch ``start``."""
     n, world = len(dataset), accelerator.num_processes  # type: ignore[arg-type]
     per_epoch = n // (config.batch_size * world)
@@ -282,7 +282,7 @@ class _Trainer:
             group["lr"] = warmup_lr(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         error: BaseException | None = None
-        loss_sum, finite, metrics = 0.0, True, {}
+        loss_sum, finite, metrics = 0.0, True, dict[str, float]()
         for _ in range(cfg.grad_accumulation):
             if error is not None:
                 break
@@ -306,18 +306,18 @@ class _Trainer:
                 acc.backward(loss / cfg.grad_accumulation)
             except Exception as err:
                 error = err
-        finite, loss = self._sync_gradients(error, finite, loss_sum / cfg.grad_accumulation)
+        finite, mean_loss = self._sync_gradients(error, finite, loss_sum / cfg.grad_accumulation)
         if not finite:
-            return _Outcome(self._skip("non-finite loss"), loss, math.nan, metrics)
+            return _Outcome(self._skip("non-finite loss"), mean_loss, math.nan, metrics)
         norm = float(acc.clip_grad_norm_(self.trainable, cfg.grad_clip))
         if not math.isfinite(norm):
             reason = FP16_OVERFLOW if acc.scaler is not None else "non-finite gradient"
-            return _Outcome(self._skip(reason), loss, norm, metrics)
+            return _Outcome(self._skip(reason), mean_loss, norm, metrics)
         if cfg.skip_grad_norm is not None and self.step >= cfg.skip_check_after and norm > cfg.skip_grad_norm:
-            return _Outcome(self._skip("gradient norm above skip_grad_norm"), loss, norm, metrics)
+            return _Outcome(self._skip("gradient norm above skip_grad_norm"), mean_loss, norm, metrics)
         self.optimizer.step()
         self.ema.update(self.model)
-        return _Outcome(None, loss, norm, metrics)
+        return _Outcome(None, mean_loss, norm, metrics)
 
     def _sync_gradients(self, error: BaseException | None, finite: bool, loss: float) -> tuple[bool, float]:
         """One all-reduce of averaged gradients and [failed ranks, non-finite ranks, loss sum].

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from causalimg.builder import SCHEMA_FILE, TRANSFORM_FILE, split_parents
-from causalimg.core.data import SPLITS, DataSource
+from causalimg.core.data import SPLITS, DataSource, split_size
 from causalimg.core.transform import VariableTransform
 from causalimg.io import atomic_write_text
 from causalimg.pipeline.stages.base import Step
@@ -25,7 +25,7 @@ def run(step: Step) -> dict[str, Any]:
         return source
 
     source = step.main_first(generate)
-    sizes = {split: len(source.split(split)) for split in SPLITS}
+    sizes = {split: split_size(source.split(split)) for split in SPLITS}
     if step.is_main:
         transform = VariableTransform.fit(source.schema.names, split_parents(source.split("train")))
         atomic_write_text(step.dir / TRANSFORM_FILE, transform.to_json())

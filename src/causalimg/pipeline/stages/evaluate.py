@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from causalimg.builder import WEIGHTS_FILE
 from causalimg.config.sections import FigureConfig, TrainConfig
-from causalimg.core.data import TrueCounterfactuals
+from causalimg.core.data import Split, TrueCounterfactuals, split_size
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
 from causalimg.errors import ConfigError, InterventionError
@@ -50,7 +50,7 @@ def upstream(label: str) -> tuple[str, ...]:
     return ("data", "predictors/evaluation-segmentor", f"finetune/{label}")
 
 
-def true_counterfactual(source: Any, split: str) -> TrueCounterfactual | None:
+def true_counterfactual(source: Any, split: Split) -> TrueCounterfactual | None:
     """The data set's ground truth as a metric callable, or None where it has none.
 
     A data set knows its true counterfactuals when it has the ``TrueCounterfactuals`` capability
@@ -143,11 +143,12 @@ def run(step: Step) -> dict[str, Any]:
     dscm.to(device).eval()
     evaluation_segmentor = step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/evaluation-segmentor"])
     evaluation_segmentor.to(device)
-    split_name, seed = config.evaluate.split, config.run.seed
+    split_name: Split = config.evaluate.split
+    seed = config.run.seed
     split = source.split(split_name)
     n = config.evaluate.num_images
-    if n > len(split):
-        raise ConfigError(f"evaluate.num_images={n} exceeds the {len(split)} images of the {split_name} split")
+    if n > split_size(split):
+        raise ConfigError(f"evaluate.num_images={n} exceeds the {split_size(split)} images of the {split_name} split")
     loader = DataLoader(Subset(split, range(n)), batch_size=config.evaluate.batch_size)
     loader = accelerator.prepare_data_loader(loader)
     info = EvalInfo(schema)  # the area variables are intervened on and measured

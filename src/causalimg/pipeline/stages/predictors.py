@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from causalimg.core.data import split_size
 from causalimg.pipeline.stages.base import SEED, Step
 from causalimg.predictors.regressor import evaluate_mae, regressor_objective
 from causalimg.predictors.unet import evaluate_dice, segmentor_objective
@@ -31,7 +32,7 @@ def segmentor_half(n: int, which: str, seed: int) -> list[int]:
 def run_segmentor(step: Step) -> dict[str, Any]:
     which, source, seed = step.label, step.source, step.config.run.seed
     train_split = source.split("train")
-    half = Subset(train_split, segmentor_half(len(train_split), which, seed))
+    half = Subset(train_split, segmentor_half(split_size(train_split), which, seed))
     model = step.build.segmentor(step.schema)
     config = step.config.predictors.segmentor
     summary = step.train(

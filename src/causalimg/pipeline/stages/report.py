@@ -17,6 +17,7 @@ from typing import Any
 
 from causalimg.config.loader import dump_config
 from causalimg.core.schema import VariableSchema
+from causalimg.errors import DataError
 from causalimg.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from causalimg.metrics.base import EvalInfo, ReportEntry
 from causalimg.pipeline.stage import DONE
@@ -88,6 +89,13 @@ def predictor_tables(run_dir: Path, unit: str) -> list[Table]:
     return tables
 
 
+def _evaluation(path: Path) -> dict[str, Any]:
+    found = read_json(path)
+    if not isinstance(found, dict) or "metrics" not in found:
+        raise DataError(f"{path} is missing or unreadable; rerun its evaluate stage")
+    return found
+
+
 def _nan_last(value: float) -> float:
     return math.inf if math.isnan(value) else value
 
@@ -97,7 +105,7 @@ def run(step: Step) -> dict[str, Any]:
     config, schema, out = step.config, step.schema, step.dir
     run_dir = out.parent
     labels = list(config.finetune.strategies)
-    evaluated = {label: read_json(run_dir / "evaluate" / label / METRICS_FILE) for label in labels}
+    evaluated = {label: _evaluation(run_dir / "evaluate" / label / METRICS_FILE) for label in labels}
     results = {label: e["metrics"] for label, e in evaluated.items()}
     info, metrics, report = EvalInfo(schema), step.build.metrics(), config.report
     entries = {
@@ -165,7 +173,7 @@ def run(step: Step) -> dict[str, Any]:
         atomic_write_json(
             out / "results.json", {"strategies": results, "paired": differences, "findings": lines, "timings": timings}
         )
-        split = next(iter(evaluated.values()), {}).get("split", "test")
+        split = next(iter(evaluated.values())).get("split", "test")
         write_report(
             out / "report.html",
             title=f"causalimg run {run_dir.name}",
