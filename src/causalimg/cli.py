@@ -153,6 +153,18 @@ def _contact_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_phantom_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder to write (DIR/<split>/*.npz and DIR/dataset.json)")
+    parser.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
+
+
+def _export_phantom(args: argparse.Namespace) -> int:
+    from causalimg.data.phantom_export import export_command
+
+    return export_command(args.config, args.overrides, args.out, args.splits)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("plugins", "list registered components with their distribution", _plugins_arguments, _plugins),
     Command("validate", "check a config and its overrides", _validate_arguments, _validate),
@@ -163,6 +175,7 @@ COMMANDS: tuple[Command, ...] = (
         _contact_sheet_arguments,
         _contact_sheet,
     ),
+    Command("export-phantom", "write the phantom as a folder data set", _export_phantom_arguments, _export_phantom),
 )
 
 
