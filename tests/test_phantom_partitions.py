@@ -24,7 +24,7 @@ from causalimg.testing import check_data_source, check_partitioner
 ATOL = 1e-4  # mm^2: the 2^-15 quantisation of the fractions
 SMALL = dict(n_train=16, n_val=4, n_test=4, cache=False)
 ROOT = tempfile.gettempdir()  # nothing is written with cache=False
-MIN_END_MM, MIN_INNER_MM = 6.5, 8.5  # the phantom's shortest regions plus a pixel
+MIN_MM = 8.5  # the phantom's shortest region plus a pixel
 PLAQUE_MAX = {"cpa": 25.0, "ncpa": 40.0}  # per 32 mm, the clean phantom's largest areas
 
 
@@ -43,7 +43,7 @@ def partitions(draw):
     if kind == "landmarks":
         return LandmarkPartitioner(names)
     weights = np.array(draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))) + 1e-3
-    shortest = np.array([MIN_END_MM, *[MIN_INNER_MM] * (k - 2), MIN_END_MM])
+    shortest = np.full(k, MIN_MM)
     lengths = (shortest + (geo.FOV_W - shortest.sum()) * weights / weights.sum()).tolist()
     if kind == "axial":
         return AxialPartitioner(names, boundaries_mm=tuple(np.cumsum(lengths)[:-1].tolist()))
@@ -137,7 +137,7 @@ def test_landmarks_come_from_each_image_and_items_carry_their_regions():
     for i in range(4):
         assert torch.equal(data[i]["regions"], part.masks(32, 192, 0.5, data.metadata(i)))
         lengths = np.diff([0.0, *cuts[i], geo.FOV_W])
-        assert (abs(lengths - 24.0) <= 0.2 * 24.0 * 2 + 1e-9).all() and lengths.min() >= MIN_INNER_MM
+        assert (abs(lengths - 24.0) <= 0.2 * 24.0 * 2 + 1e-9).all() and lengths.min() >= MIN_MM
     batch = source.true_counterfactual_batch("train", [0, 1], [{"cpa_m1": 4.0}, {"la_d": 30.0}])
     assert torch.equal(batch["regions"][1], data[1]["regions"])
     torch.testing.assert_close(source.schema.measure(batch["masks"], batch["regions"], 0.25), batch["parents"])

@@ -3,7 +3,8 @@
 The phantom's truth is defined for any AXIAL partition: every image column lies in exactly one
 region (regions may be unequal, any number, different per image). An intervention on region k
 acts only on its core: the columns of k farther than ``MARGIN_MM`` (rounded up to whole pixels)
-from every column of another region. The point spread reaches at most ``blur_px`` pixels, no
+from every column of another region and from the image's ends (at the ends this only keeps
+``axial-thirds`` counterfactuals as they always were). The point spread reaches at most ``blur_px`` pixels, no
 more than that margin, so every pixel outside region k stays bit-identical. A partition that splits
 a column between regions (``grid`` with rows > 1) is refused: plaque and lumen are intervals across
 the vessel, so a region boundary along it would need a second blur margin across the vessel,
@@ -36,9 +37,9 @@ def blur_px(spacing_mm: float) -> int:
     return math.ceil(3 * geo.SIGMA_MAX_MM / spacing_mm - 1e-9)
 
 
-def min_region_mm(spacing_mm: float, at_end: bool) -> float:
-    """Shortest region that holds an intervention: a core plus a margin on each side that has a neighbour."""
-    return MIN_CORE_MM + (1 if at_end else 2) * margin_px(spacing_mm) * spacing_mm
+def min_region_mm(spacing_mm: float) -> float:
+    """Shortest region that holds an intervention: a core plus a margin on each side."""
+    return MIN_CORE_MM + 2 * margin_px(spacing_mm) * spacing_mm
 
 
 def landmark_cuts(uniforms: np.ndarray, num_regions: int, spacing_mm: float) -> np.ndarray:
@@ -50,7 +51,7 @@ def landmark_cuts(uniforms: np.ndarray, num_regions: int, spacing_mm: float) -> 
     k = num_regions
     length = geo.FOV_W / k
     # no jitter when equal lengths are already the shortest that fit (too many regions fail the length check)
-    jitter = max(0.0, min(LANDMARK_JITTER * length, (length - min_region_mm(spacing_mm, False) - spacing_mm) / 2))
+    jitter = max(0.0, min(LANDMARK_JITTER * length, (length - min_region_mm(spacing_mm) - spacing_mm) / 2))
     base = np.arange(1, k) * length  # (K - 1,)
     return base + jitter * (2.0 * uniforms[:, : k - 1] - 1.0)
 
@@ -103,8 +104,8 @@ class RegionGeometry:
             raise error(
                 f"region {names[k]!r} is {self.length_mm[b, k]:g} mm long {where}; an intervention on it "
                 f"needs {MIN_CORE_MM:g} mm that lie more than {margin:g} mm (the point spread's reach) from every "
-                f"other region, so a region must be at least {MIN_CORE_MM + 2 * margin:g} mm long "
-                f"({MIN_CORE_MM + margin:g} mm at either end of the vessel)"
+                f"other region and from the ends of the image, so a region must be at least "
+                f"{MIN_CORE_MM + 2 * margin:g} mm long"
             )
 
 
@@ -113,10 +114,11 @@ def region_geometry(column_region: np.ndarray, num_regions: int, grid: geo.Grid)
     w = column_region.shape[1]
     k_idx = np.arange(num_regions)
     inside = column_region[:, None, :] == k_idx[None, :, None]  # (B, K, W)
+    m = margin_px(grid.spacing_mm)
+    padded = np.pad(inside, ((0, 0), (0, 0), (m, m)))  # the field of view's ends count as other regions
     core = inside.copy()
-    for d in range(1, margin_px(grid.spacing_mm) + 1):  # neighbours within the margin must be in the region
-        core[..., d:] &= inside[..., :-d]
-        core[..., :-d] &= inside[..., d:]
+    for d in range(1, m + 1):  # every column within the margin must be in the region
+        core &= padded[..., m - d : m - d + w] & padded[..., m + d : m + d + w]
     col = np.arange(w)
     starts = core & ~np.concatenate([np.zeros_like(core[..., :1]), core[..., :-1]], axis=-1)
     ends = core & ~np.concatenate([core[..., 1:], np.zeros_like(core[..., :1])], axis=-1)
