@@ -11,7 +11,7 @@ import pytest
 from causalimg.config.loader import load_config
 from causalimg.data import phantom_geometry as geo
 from causalimg.data.phantom import PhantomConfig, PhantomSource
-from causalimg.data.phantom_confounds import ConfoundConfig
+from causalimg.data.phantom_confounds import ConfoundConfig, attenuation_gradient
 from causalimg.data.phantom_render import WINDOW_HU, soft_masks
 from causalimg.regions.axial import AxialPartitioner
 
@@ -23,23 +23,6 @@ PRESET = load_config("cpu-confounded").data.confounds
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable")  # noqa: E731
     return float(np.corrcoef(rank(a), rank(b))[0, 1])
-
-
-def lumen_attenuation_gradient(image: np.ndarray, lumen: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Per image, HU lost per 10 mm along the lumen: the least-squares slope of the mean HU of the
-    pixels fully inside the lumen, per column (what a reader measures as the TAG).
-
-    image, lumen: (B, H, W) windowed image and lumen fraction.
-    """
-    lo, hi = WINDOW_HU
-    hu = (image + 1.0) * (hi - lo) / 2 + lo
-    full = lumen >= 0.999
-    out = []
-    for img, m in zip(hu, full):
-        cols = np.nonzero(m.any(0))[0]
-        mean = np.array([img[m[:, c], c].mean() for c in cols])
-        out.append(-np.polyfit(cols * spacing_mm / 10.0, mean, 1)[0])
-    return np.array(out)
 
 
 def make(confounds: ConfoundConfig) -> PhantomSource:
@@ -76,7 +59,7 @@ def test_severity_correlates_plaque_across_regions_only_when_on(rendered):
 def test_non_local_cues_go_with_plaque_burden_only_when_on(rendered):
     for name, (source, r) in rendered.items():
         burden = r.parents[:, :6].sum(1)  # all plaque, every region
-        tag = lumen_attenuation_gradient(r.image[:, 0], soft_masks(r.fg)[:, 1], source.spacing_mm)
+        tag = attenuation_gradient(r.image[:, 0], soft_masks(r.fg)[:, 1], source.spacing_mm, WINDOW_HU)
         exo = source.exogenous_batch("train", np.arange(N))
         cues = {"attenuation gradient in the image": tag, "point spread": exo.sigma_mm, "calcium HU": exo.hu_ca,
                 "distal lumen": -r.parents[:, 8]}  # fmt: skip
@@ -90,12 +73,12 @@ def test_non_local_cues_go_with_plaque_burden_only_when_on(rendered):
 
 def test_an_intervention_on_plaque_leaves_every_cue_alone(rendered):
     source, r = rendered["confounded"]
-    tag = lumen_attenuation_gradient(r.image[:, 0], soft_masks(r.fg)[:, 1], source.spacing_mm)
+    tag = attenuation_gradient(r.image[:, 0], soft_masks(r.fg)[:, 1], source.spacing_mm, WINDOW_HU)
     indices = list(range(8))
     heavy = [{f"{s}_{k}": 0.0 if s == "cpa" else 30.0 for s in ("cpa", "ncpa") for k in ("proximal", "mid")}] * 8
     cf = source.true_counterfactual_batch("train", indices, heavy)
     assert (cf["parents"][:, 3:5] > 29.8).all() and (cf["parents"][:, 0:2] == 0).all()
-    tag_cf = lumen_attenuation_gradient(cf["image"][:, 0].numpy(), cf["masks"][:, 1].numpy(), source.spacing_mm)
+    tag_cf = attenuation_gradient(cf["image"][:, 0].numpy(), cf["masks"][:, 1].numpy(), source.spacing_mm, WINDOW_HU)
     # the cue a regressor could read stays with the image, not with the intervened plaque
     assert np.abs(tag_cf - tag[indices]).max() < 0.1 * tag.std()
     distal = cf["regions"][0, 2, 0].bool()  # the distal third: nothing intervened there

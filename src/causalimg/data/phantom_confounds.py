@@ -51,3 +51,22 @@ def load(u: np.ndarray, severity: np.ndarray, loading: float | np.ndarray) -> np
     sev = torch.from_numpy(severity.reshape(-1, *([1] * (np.ndim(u) - 1))))
     lam = torch.from_numpy(np.broadcast_to(loading, np.shape(u)[1:]).copy())
     return torch.special.ndtr(lam * sev + torch.sqrt(1.0 - lam * lam) * z).numpy()
+
+
+def attenuation_gradient(
+    image: np.ndarray, lumen: np.ndarray, spacing_mm: float, window_hu: tuple[float, float]
+) -> np.ndarray:
+    """Per image, HU lost per 10 mm along the lumen, as a reader measures the TAG: the least-squares
+    slope of the mean HU of the pixels fully inside the lumen, column by column.
+
+    image, lumen: (B, H, W) image in [-1, 1] (``window_hu`` mapped to it) and lumen fraction; returns (B,).
+    """
+    lo, hi = window_hu
+    hu = (image + 1.0) * (hi - lo) / 2 + lo
+    full = lumen >= 0.999
+    out = []
+    for img, m in zip(hu, full):
+        cols = np.nonzero(m.any(0))[0]
+        mean = np.array([img[m[:, c], c].mean() for c in cols])
+        out.append(-np.polyfit(cols * spacing_mm / 10.0, mean, 1)[0])
+    return np.array(out)
