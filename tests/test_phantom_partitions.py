@@ -172,3 +172,18 @@ def test_age_scales_plaque_in_every_region_of_any_partition():
     plaque = slice(1, 9)  # cpa_a..d, ncpa_a..d
     np.testing.assert_allclose(older[plaque], pa[plaque] * np.exp(0.5), rtol=2 * AREA_RTOL, atol=1e-4)
     assert torch.equal(older[9:], pa[9:]), "lumen areas are not children of age"
+
+
+def test_joint_interventions_and_a_refusal_that_would_move_another_variable():
+    source = PhantomSource(PhantomConfig(**SMALL), AxialPartitioner(("a", "b", "c", "d")), ROOT)
+    exo = source.exogenous("train", 0)
+    _, _, pa = source.true_counterfactual(exo, {})
+    do = {"la_b": float(pa[source.schema.index("la_b")]) * 1.2, "ncpa_b": 9.0, "cpa_b": 2.0, "cpa_d": 0.0}
+    _, _, pa2 = source.true_counterfactual(exo, do)
+    for var, target in do.items():
+        assert abs(float(pa2[source.schema.index(var)]) - target) <= AREA_RTOL * target + ATOL, var
+    untouched = [source.schema.index(v) for v in source.schema.names if v.endswith(("_a", "_c")) or v == "ncpa_d"]
+    assert torch.equal(pa2[untouched], pa[untouched])
+    far = float(pa[source.schema.index("la_a")]) * 3.0  # a lumen this wide pushes the calcium out of view
+    with pytest.raises(InterventionError, match=r"la_a=.* without changing cpa_a: .* out of the 16 mm field"):
+        source.true_counterfactual(exo, {"la_a": far})
