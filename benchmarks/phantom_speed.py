@@ -1,9 +1,11 @@
 """Phantom generation throughput on ONE thread: images per second into the on-disk cache.
 
 Generates a train split (drawing exogenous state, solving amplitudes, rasterising, rendering,
-measuring parents, writing the .npy cache) at 32 x 192 and 64 x 384 pixels. Reports images per
-wall-clock second and per CPU second of this process (the latter is what one core delivers even
-when the machine is shared). Writes benchmarks/results/phantom_speed.{json,md}.
+measuring parents, writing the .npy cache) at 32 x 192 and 64 x 384 pixels: the default
+(axial thirds), per-image landmark regions (one partitioner call per image) and the
+`cpu-confounded` preset. Reports images per wall-clock second and per CPU second of this process
+(the latter is what one core delivers even when the machine is shared). Writes
+benchmarks/results/phantom_speed.{json,md}.
 
 Usage:
   python benchmarks/phantom_speed.py            # 3000 images at 32 x 192, 1000 at 64 x 384
@@ -26,16 +28,22 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from causalimg.config.loader import load_config  # noqa: E402
 from causalimg.data.phantom import PhantomConfig, PhantomSource  # noqa: E402
+from causalimg.data.phantom_confounds import ConfoundConfig  # noqa: E402
 from causalimg.regions.axial import AxialPartitioner  # noqa: E402
+from causalimg.regions.landmarks import LandmarkPartitioner  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BAR = 500.0  # images per second at 32 x 192 on one core
 
 
-def measure(spacing_mm: float, n: int) -> dict[str, float | int | str]:
+def measure(spacing_mm: float, n: int, variant: str = "axial-thirds") -> dict[str, float | int | str]:
+    partitioner = LandmarkPartitioner() if variant == "landmarks" else AxialPartitioner()
+    confounds = load_config("cpu-confounded").data.confounds if variant == "confounded" else ConfoundConfig()
+    config = PhantomConfig(spacing_mm=spacing_mm, n_train=n, confounds=confounds)
     with tempfile.TemporaryDirectory() as root:
-        source = PhantomSource(PhantomConfig(spacing_mm=spacing_mm, n_train=n), AxialPartitioner(), Path(root))
+        source = PhantomSource(config, partitioner, Path(root))
         source.render_indices("train", range(8))  # warm-up: imports, allocator
         wall, cpu = time.perf_counter(), time.process_time()
         source.split("train")[0]  # first access generates and caches the whole split
@@ -44,6 +52,7 @@ def measure(spacing_mm: float, n: int) -> dict[str, float | int | str]:
     h, w = source.image_shape
     return {
         "shape": f"{h}x{w}",
+        "variant": variant,
         "spacing_mm": spacing_mm,
         "images": n,
         "wall_s": round(wall, 3),
@@ -59,7 +68,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3000, help="images at 32 x 192 (a third of it at 64 x 384)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [measure(0.5, args.n), measure(0.25, max(args.n // 3, 64))]
+    rows = [measure(0.5, args.n), measure(0.5, args.n, "landmarks"), measure(0.5, args.n, "confounded"),
+            measure(0.25, max(args.n // 3, 64))]  # fmt: skip
     meta = {"machine": platform.processor() or platform.machine(), "threads": 1, "cpus": os.cpu_count(),
             "load_average_1min": round(os.getloadavg()[0], 2), "bar_images_per_s_32x192": BAR}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -70,11 +80,11 @@ def main() -> None:
         f"Machine: {meta['cpus']} CPUs, 1-minute load average {meta['load_average_1min']} at the end "
         "(the machine is shared: per-CPU-second figures are what one core delivers).",
         "",
-        "| image | images | wall s | images / wall s | images / CPU s | cache bytes / image |",
-        "|---|---|---|---|---|---|",
+        "| image | phantom | images | wall s | images / wall s | images / CPU s | cache bytes / image |",
+        "|---|---|---|---|---|---|---|",
         *(
-            f"| {r['shape']} | {r['images']} | {r['wall_s']} | {r['images_per_wall_s']} | {r['images_per_cpu_s']} "
-            f"| {r['cache_bytes_per_image']} |"
+            f"| {r['shape']} | {r['variant']} | {r['images']} | {r['wall_s']} | {r['images_per_wall_s']} "
+            f"| {r['images_per_cpu_s']} | {r['cache_bytes_per_image']} |"
             for r in rows
         ),
         "",

@@ -158,6 +158,31 @@ def _contact_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_phantom_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder to write (DIR/<split>/*.npz and DIR/dataset.json)")
+    parser.add_argument("--splits", default="train,val,test", help="comma-separated splits (default train,val,test)")
+
+
+def _export_phantom(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from causalimg.builder import Builder
+    from causalimg.config.loader import load_config
+    from causalimg.data.phantom import PhantomSource
+    from causalimg.data.phantom_export import export_phantom
+    from causalimg.errors import ConfigError
+    from causalimg.plugins.manager import load_registry
+
+    config = load_config(args.config, args.overrides)
+    source = Builder(config, load_registry(config.plugins.dirs)).data_source(Path(config.run.dir) / "data")
+    if not isinstance(source, PhantomSource):
+        raise ConfigError(f"export-phantom exports the phantom; data.name is {config.data.name!r}")
+    for folder in export_phantom(source, Path(args.out), [s.strip() for s in args.splits.split(",") if s.strip()]):
+        print(folder)
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("plugins", "list registered components with their distribution", _plugins_arguments, _plugins),
     Command("validate", "check a config and its overrides", _validate_arguments, _validate),
@@ -168,6 +193,7 @@ COMMANDS: tuple[Command, ...] = (
         _contact_sheet_arguments,
         _contact_sheet,
     ),
+    Command("export-phantom", "write the phantom as a folder data set", _export_phantom_arguments, _export_phantom),
 )
 
 

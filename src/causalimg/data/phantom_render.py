@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from causalimg.data.phantom_geometry import FOV_H, FOV_W, MARGIN_MM, Grid, Layout, PhantomExogenous, stream
+from causalimg.data.phantom_geometry import FOV_H, FOV_W, Grid, Layout, PhantomExogenous, stream
 
 QUANT = 2**15  # fraction quantisation steps
 WINDOW_HU = (-200.0, 650.0)  # the fixed CT window mapped to [-1, 1] (calcium saturates, as in CCTA reading)
@@ -93,8 +93,7 @@ def _texture_and_noise(exo: PhantomExogenous, grid: Grid) -> tuple[np.ndarray, n
 
 def _blur(img: np.ndarray, sigma_mm: np.ndarray, grid: Grid) -> np.ndarray:
     """Separable Gaussian blur truncated at 3 sigma, per-image sigma, as shifted sums (B, H, W)."""
-    radius = int(np.ceil(3 * sigma_mm.max(initial=0.0) / grid.spacing_mm))
-    assert radius * grid.spacing_mm <= MARGIN_MM + 1e-9, "point spread wider than the locality margin"
+    radius = int(np.ceil(3 * sigma_mm.max(initial=0.0) / grid.spacing_mm))  # <= phantom_regions.blur_px
     if radius == 0:
         return img
     offs = np.arange(-radius, radius + 1) * grid.spacing_mm  # (2R+1,) mm
