@@ -237,3 +237,20 @@ def test_no_cft_keeps_the_pretrained_weights(tmp_path: Path) -> None:
 def test_repeated_guidance_terms_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="appear twice"):
         build_strategies([RegressorGuidanceConfig(), RegressorGuidanceConfig(weight=2)], load_registry(), predictors())
+
+
+def test_cft_step_runs_the_encoder_once_with_the_objective_of_separate_calls() -> None:
+    """One encoder pass for the factual loss and the abduction: the same step as loss() then abduct()."""
+    dscm, preds = tiny_dscm(), predictors()
+    cft = cft_for(dscm, [PositionalSegmentorGuidanceConfig()], preds, constraint="fixed").eval()
+    calls = []
+    dscm.image.encoder.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(3)
+    shared = cft(batch())
+    assert len(calls) == 1
+    dscm.image.loss_and_abduct = None  # a mechanism without it: the separate calls, two encoder passes
+    torch.manual_seed(3)
+    separate = cft(batch())
+    assert len(calls) == 3
+    for key in ("loss", "nelbo", "guidance"):
+        torch.testing.assert_close(shared[key], separate[key])

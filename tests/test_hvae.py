@@ -193,3 +193,25 @@ def test_tiny_hvae_fits_and_reconstructs() -> None:
     error = (recon - x).abs().mean().item()  # mean absolute error on [-1, 1], no pixel noise
     assert error < 0.1, error
     torch.testing.assert_close(cf, x, atol=1e-4, rtol=0)
+
+
+def test_loss_and_abduct_share_one_encoder_pass_with_the_same_numbers() -> None:
+    model = tiny((16, 48)).eval()
+    x = torch.rand(3, 1, 16, 48) * 2 - 1
+    pa = torch.rand(3, 2) * 2 - 1
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(1)
+    factual, exo = model.loss_and_abduct(x, pa, t=0.3)
+    assert len(calls) == 1
+    torch.manual_seed(1)
+    expected = model.loss(x, pa)
+    expected_exo = model.abduct(x, pa, t=0.3)
+    for key in ("nelbo", "nll", "kl"):
+        torch.testing.assert_close(factual[key], expected[key])
+    torch.testing.assert_close(exo.noise, expected_exo.noise)
+    # t = 0.3 draws posterior noise: the loss's draws come first in both orders, then the abduction's
+    for z, z_expected in zip(exo.latents, expected_exo.latents, strict=True):
+        torch.testing.assert_close(z, z_expected)
+    (factual["nelbo"].sum() + sum(z.sum() for z in exo.latents)).backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from causalimg.config.base import StrictModel
 from causalimg.config.sections import TrainConfig
 from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
+from causalimg.core.mechanism import Exogenous
 from causalimg.core.scm import DSCM
 from causalimg.core.variables import variable_names
 from causalimg.errors import ConfigError, DataError
@@ -90,6 +91,17 @@ def measure_nelbo(dscm: DSCM, batches: Iterable[Mapping[str, torch.Tensor]], max
     if count == 0:
         raise DataError("cannot measure the pretrained nelbo: no training batches")
     return total / count
+
+
+def factual_and_abducted(
+    image: nn.Module, x: torch.Tensor, pa: torch.Tensor, t: float
+) -> tuple[dict[str, torch.Tensor], Exogenous]:
+    """The factual loss and the abducted state of x under normalised parents pa: from one encoder pass
+    where the image mechanism offers ``loss_and_abduct`` (the HVAE does), else from two calls."""
+    both = getattr(image, "loss_and_abduct", None)
+    if both is not None:
+        return both(x, pa, t)
+    return image.loss(x, pa), image.abduct(x, pa, t)
 
 
 def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
@@ -223,11 +235,15 @@ class CounterfactualFineTuning(nn.Module):
         updating = self.constraint == "lagrangian" and self.training and torch.is_grad_enabled()
         if updating:
             self.multiplier.ascend()  # the previous batch's step, before anything here can fail
-        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["nelbo"].mean()
+        factual, exogenous = factual_and_abducted(
+            dscm.image, x, dscm.image_parents(dscm.transform.normalise(pa)), self.temperature
+        )
+        nelbo = factual["nelbo"].mean()
         slack = self.eps - nelbo  # > 0 while the factual fit is at least as good as pretrained
 
-        do, intervened = self.draw_intervention(pa)
-        cf_image, cf_parents = dscm.counterfactual(x, pa, do, t=self.temperature)
+        do, intervened = self.draw_intervention(pa)  # as DSCM.counterfactual, with the state abducted above
+        cf_parents = dscm.counterfactual_parents(pa, do)
+        cf_image = dscm.image.predict(exogenous, dscm.image_parents(dscm.transform.normalise(cf_parents)))
         inputs = GuidanceInputs(
             cf_image=cf_image, cf_parents=cf_parents, image=x, parents=pa, intervened=intervened,
             regions=self._regions(batch), pixel_area_mm2=self.pixel_area_mm2, transform=dscm.transform,
