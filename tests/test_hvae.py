@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
+from torch import nn
 
 from causalimg.core.mechanism import Exogenous
 from causalimg.errors import ConfigError
@@ -16,6 +17,7 @@ from causalimg.mechanisms.hvae import (
     resolve,
     stage_resolutions,
 )
+from causalimg.mechanisms.hvae_blocks import GroupNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,3 +217,25 @@ def test_loss_and_abduct_share_one_encoder_pass_with_the_same_numbers() -> None:
         torch.testing.assert_close(z, z_expected)
     (factual["nelbo"].sum() + sum(z.sum() for z in exo.latents)).backward()
     assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize(("groups", "channels"), [(1, 13), (1, 26), (2, 16)])
+def test_group_norm_matches_torch_in_every_layout(groups: int, channels: int) -> None:
+    """The layer-norm route for one-group channels_last maps: same values and gradients as nn.GroupNorm."""
+    torch.manual_seed(0)
+    ours = GroupNorm(groups, channels)
+    nn.init.normal_(ours.weight)
+    nn.init.normal_(ours.bias)
+    reference = nn.GroupNorm(groups, channels)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, channels, 4, 6) * 2 + 1
+    g = torch.randn(3, channels, 4, 6)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        outs = []
+        for norm in (ours, reference):
+            xi = x.contiguous(memory_format=fmt).requires_grad_()
+            y = norm(xi)
+            outs.append((y, *torch.autograd.grad((y * g).sum(), (xi, norm.weight, norm.bias))))
+        assert outs[0][0].is_contiguous(memory_format=fmt)
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
