@@ -60,7 +60,7 @@ REFERENCE_COMMON = dict(
 )  # fmt: skip
 # execution modes tried for each model; the best of each is compared
 REFERENCE_MODES = ("fp32", "fp32-cl", "bf16", "bf16-cl")
-CAUSALIMG_MODES = ("bf16-cl",)
+CAUSALIMG_MODES = ("bf16-cl", "bf16")
 ALLOCATORS = ("glibc", "tcmalloc")
 
 
