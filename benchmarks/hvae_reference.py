@@ -6,7 +6,7 @@ not part of causalimg: check it out anywhere outside this repository and pass th
 wide-input fix (the decoder compares a tensor's width with the next stage's height when deciding to
 upsample; the fix compares heights) and imports it from there.
 
-Both models train at the same settings (batch 32, 9 parents, forward + backward + AdamW, 2 threads)
+Both models train at the same settings (batch 32, 9 parents, forward + backward + AdamW, 2 threads unless --threads)
 with the published model's hyper-parameters mapped to our sizes (../shared/design/REFERENCE.md).
 Every measurement runs in its own child process (peak RSS is per process); runs of the two models
 alternate round by round, so load from other work on the machine falls on both alike. Each model
@@ -104,14 +104,14 @@ def build_reference(folder: str, shape: tuple[int, int], mode: str, batch: int):
     return model, step
 
 
-def measure(run: str, folder: str, shape: tuple[int, int], steps: int, warmup: int, batch: int) -> dict:
+def measure(run: str, folder: str, shape: tuple[int, int], steps: int, warmup: int, batch: int, threads: int) -> dict:
     """One child process: build the model named by ``run`` (model:mode:allocator), time its steps."""
     model_name, mode, alloc = run.split(":")
     if alloc == "glibc":
         tune_malloc()  # what causalimg's training does on glibc: no mmap per activation, rare trims
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     if model_name == "reference":
         model, step = build_reference(folder, shape, mode, batch)
     else:
@@ -125,7 +125,7 @@ def measure(run: str, folder: str, shape: tuple[int, int], steps: int, warmup: i
     dt = time.perf_counter() - t0
     return {
         "model": model_name, "mode": mode, "allocator": alloc, "allocator_loaded": allocator(),
-        "input": f"{shape[0]}x{shape[1]}", "batch": batch, "steps": steps,
+        "input": f"{shape[0]}x{shape[1]}", "batch": batch, "steps": steps, "threads": threads,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "img_per_s": round(batch * steps / dt, 3),
         "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -161,16 +161,17 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def write(results: list[dict], summary: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
-    meta = {"cpu": cpu_model(), "threads": 2, "cpus": os.cpu_count(), "input": args.input, "batch": args.batch,
+    meta = {"cpu": cpu_model(), "threads": args.threads, "cpus": os.cpu_count(), "input": args.input, "batch": args.batch,
             "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     out = {"meta": meta, "summary": summary, "results": results}
     (RESULTS / "hvae_reference.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
-        f"# causalimg `paper` vs the published HVAE, side by side ({args.input}, batch {args.batch}, 2 threads)",
+        f"# causalimg `paper` vs the published HVAE, side by side ({args.input}, batch {args.batch}, "
+        f"{args.threads} threads)",
         "",
         f"`python benchmarks/hvae_reference.py --reference CHECKOUT --input {args.input} --rounds {args.rounds} "
-        f"--steps {args.steps}` on {meta['cpu']} ({meta['date']}); runs alternate between the models, "
+        f"--steps {args.steps} --threads {args.threads}` on {meta['cpu']} ({meta['date']}); runs alternate between the models, "
         "medians over rounds, the best mode of each model per allocator.",
         "",
         "| allocator | published: best mode | img/s | peak RSS (GiB) | causalimg: best mode | img/s "
@@ -214,6 +215,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every run")
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
     parser.add_argument("--reference-modes", nargs="+", default=list(REFERENCE_MODES), choices=REFERENCE_MODES)
     parser.add_argument("--causalimg-modes", nargs="+", default=list(CAUSALIMG_MODES))
@@ -223,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.input.split("x"))
     if args.child:
-        print(json.dumps(measure(args.child, args.fixed, shape, args.steps, args.warmup, args.batch)))
+        print(json.dumps(measure(args.child, args.fixed, shape, args.steps, args.warmup, args.batch, args.threads)))
         return
     if args.reference is None:
         parser.error("--reference CHECKOUT is required")
@@ -232,7 +234,8 @@ def main() -> None:
     for rnd in range(args.rounds):
         for run in plan(args):
             cmd = [sys.executable, __file__, "--child", run, "--fixed", str(folder), "--input", args.input,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]  # fmt: skip
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                   "--threads", str(args.threads)]  # fmt: skip
             env = child_env("bf16-cl-tcmalloc" if run.endswith(":tcmalloc") else "bf16-cl")
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:

@@ -50,7 +50,7 @@ MODES = (
 )  # fmt: skip
 TCMALLOC = "libtcmalloc_minimal.so.4"
 RESULTS = Path(__file__).parent / "results"
-THREADS = 2  # CPU threads of every measurement
+THREADS = 2  # CPU threads of every measurement unless --threads says otherwise
 # what the full table measures: paper at 64 x 384 without checkpointing needs ~15-20 GiB, so only the
 # checkpointed modes run there (the machine is shared and has 23 GiB)
 DEFAULT_RUNS = {
@@ -203,13 +203,21 @@ def machine_throughput(device: str = "cpu", threads: int = THREADS, repeats: int
     return out
 
 
-def measure(run: str, steps: int, warmup: int, batch: int, device: str = "cpu", backend: str = "inductor") -> dict:
+def measure(
+    run: str,
+    steps: int,
+    warmup: int,
+    batch: int,
+    device: str = "cpu",
+    backend: str = "inductor",
+    threads: int = THREADS,
+) -> dict:
     preset, shape, mode = parse_run(run)
     if device == "cpu":
         keep_malloc_arenas(mode)
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     dev = Device(device)
     model, step = build(preset, shape, mode, batch, device, backend)
     for _ in range(warmup):
@@ -226,7 +234,7 @@ def measure(run: str, steps: int, warmup: int, batch: int, device: str = "cpu", 
     img_per_s = batch * steps / dt
     return {
         "preset": preset, "input": f"{shape[0]}x{shape[1]}", "mode": mode, "batch": batch, "steps": steps,
-        "device": dev.type, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "device": dev.type, "threads": threads, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "img_per_s": round(img_per_s, 2), "peak_memory_GiB": round(peak, 2),
         "gflop_per_img": round(gflop / batch, 2), "achieved_GFLOPs": round(gflop / batch * img_per_s, 1),
         "final_loss": round(losses[-1], 4),
@@ -260,17 +268,19 @@ def with_fractions(result: dict, peaks: dict[str, float]) -> dict:
     return out
 
 
-def write(results: list[dict], peaks: dict[str, float], device: str) -> None:
+def write(
+    results: list[dict], peaks: dict[str, float], device: str, threads: int = THREADS, stem: str | None = None
+) -> None:
     RESULTS.mkdir(exist_ok=True)
-    meta = {"machine": cpu_model(), "threads": THREADS, "cpus": os.cpu_count(), "device": device,
+    meta = {"machine": cpu_model(), "threads": threads, "cpus": os.cpu_count(), "device": device,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "measured_throughput": peaks}  # fmt: skip
-    stem = "hvae_speed" if device == "cpu" else f"hvae_speed_{device}"
+    stem = stem or ("hvae_speed" if device == "cpu" else f"hvae_speed_{device}")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     memory = "peak RSS (GiB)" if device == "cpu" else "peak GPU memory (GiB)"
     lines = [
-        f"# HVAE training speed ({device}, {THREADS} threads, batch 32, forward + backward + AdamW)",
+        f"# HVAE training speed ({device}, {threads} threads, batch 32, forward + backward + AdamW)",
         "",
-        f"Written by `python benchmarks/hvae_speed.py --device {device}` on {meta['machine']} ({meta['date']}). "
+        f"Written by `python benchmarks/hvae_speed.py --device {device} --threads {threads}` on {meta['machine']} ({meta['date']}). "
         "Modes change execution, not the model.",
         "",
         "This machine's measured throughput (GFLOP/s): "
@@ -297,23 +307,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help="CPU threads of every run and of the micro-benchmark"
+    )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the -compile modes")
     parser.add_argument("--profile", metavar="RUN")
     parser.add_argument("--child", metavar="RUN", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--out", help="results file stem (default hvae_speed, hvae_speed_cuda on CUDA)")
     args = parser.parse_args()
     if args.profile:
         return profile(args.profile, args.batch)
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch, args.device, args.backend)))
+        print(
+            json.dumps(
+                measure(args.child, args.steps, args.warmup, args.batch, args.device, args.backend, args.threads)
+            )
+        )
         return
-    peaks = machine_throughput(args.device)
+    peaks = machine_throughput(args.device, args.threads)
     print(json.dumps({"measured_throughput_GFLOPs": peaks}), flush=True)
     runs = args.only or DEFAULT_RUNS.get(args.device.split(":")[0], DEFAULT_RUNS["cpu"])
     results = []
     for run in runs:
         cmd = [sys.executable, __file__, "--child", run, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch", str(args.batch), "--device", args.device, "--backend", args.backend]  # fmt: skip
+               "--batch", str(args.batch), "--device", args.device, "--backend", args.backend,
+               "--threads", str(args.threads)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(parse_run(run)[2]))
         if out.returncode:
             raise SystemExit(f"{run} failed:\n{out.stderr[-3000:]}")
@@ -326,7 +345,7 @@ def main() -> None:
         )
         results.append(result)
         if not args.no_write:  # after every run: a long table interrupted still leaves its rows
-            write(results, peaks, args.device.split(":")[0])
+            write(results, peaks, args.device.split(":")[0], args.threads, args.out)
 
 
 if __name__ == "__main__":
