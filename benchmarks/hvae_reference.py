@@ -7,7 +7,7 @@ wide-input fix (the decoder compares a tensor's width with the next stage's heig
 upsample; the fix compares heights) and imports it from there.
 
 Both models train at the same settings (batch 32, 9 parents, forward + backward + AdamW, 2 threads unless --threads)
-with the published model's hyper-parameters mapped to our sizes (../shared/design/REFERENCE.md).
+with the published model's hyper-parameters mapped to our sizes (REFERENCE_ARCH below).
 Every measurement runs in its own child process (peak RSS is per process); runs of the two models
 alternate round by round, so load from other work on the machine falls on both alike. Each model
 is measured in each of its execution modes, on glibc malloc (mmap/trim tuned as causalimg does) and
@@ -41,7 +41,7 @@ from causalimg.training.accelerator import tune_malloc
 # the published decoder's upsampling test, as written and as fixed for wide (W > H) inputs
 UNFIXED = "if h.size(-1) < res_h:"
 FIXED = "if h.size(-2) < res_h:"
-# the published hyper-parameters mapped to our two input sizes (REFERENCE.md); parents: 9 variables
+# the published hyper-parameters mapped to our two input sizes; parents: 9 variables
 REFERENCE_ARCH = {
     (32, 192): dict(
         enc_arch="32_192b2d2_2,16_96b4d2_2,8_48b9d2_2,4_24b4d2_2,2_12b9d2_12,1_1b5",
