@@ -13,7 +13,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "causalimg"
 
 FLOORS: list[set[str]] = [
-    {"errors"},
+    {"errors", "tcmalloc"},
     {"io", "strict"},
     {"core"},
     {"plugins"},

@@ -229,3 +229,40 @@ def test_finetuning_moves_only_the_image_mechanism_and_keeps_predictors_bit_iden
 def test_repeated_guidance_terms_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="more than once"):
         builder("test=[{name: regressor}, {name: regressor, weight: 2}]")
+
+
+class SeparateCalls(nn.Module):
+    """An image mechanism without the shared pass: the HVAE's loss, abduct, predict and sample alone."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def loss(self, x, pa):
+        return self.inner.loss(x, pa)
+
+    def abduct(self, x, pa, t=0.0):
+        return self.inner.abduct(x, pa, t)
+
+    def predict(self, exogenous, pa):
+        return self.inner.predict(exogenous, pa)
+
+    def sample(self, pa, t=1.0):
+        return self.inner.sample(pa, t)
+
+
+def test_cft_step_runs_the_encoder_once_with_the_objective_of_separate_calls() -> None:
+    """One encoder pass for the factual loss and the abduction: the same step as loss() then abduct()."""
+    dscm, preds = tiny_dscm(), predictors()
+    cft = cft_for(dscm, "[{name: positional-segmentor}]", preds, constraint="fixed").eval()
+    calls = []
+    dscm.image.encoder.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(3)
+    shared = cft(batch())
+    assert len(calls) == 1
+    dscm.image = SeparateCalls(dscm.image)  # without the shared pass: two calls, two encoder passes
+    torch.manual_seed(3)
+    separate = cft(batch())
+    assert len(calls) == 3
+    for key in ("loss", "nelbo", "guidance"):
+        torch.testing.assert_close(shared[key], separate[key])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
+from torch import nn
 
 from causalimg.core.mechanism import Exogenous
 from causalimg.errors import ConfigError
@@ -15,6 +16,7 @@ from causalimg.mechanisms.hvae import (
     resolve,
     stage_resolutions,
 )
+from causalimg.mechanisms.hvae_blocks import GroupNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,3 +193,47 @@ def test_tiny_hvae_fits_and_reconstructs() -> None:
     error = (recon - x).abs().mean().item()  # mean absolute error on [-1, 1], no pixel noise
     assert error < 0.1, error
     torch.testing.assert_close(cf, x, atol=1e-4, rtol=0)
+
+
+def test_loss_and_abduct_share_one_encoder_pass_with_the_same_numbers() -> None:
+    model = tiny((16, 48)).eval()
+    x = torch.rand(3, 1, 16, 48) * 2 - 1
+    pa = torch.rand(3, 2) * 2 - 1
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(1)
+    factual, exo = model.loss_and_abduct(x, pa, t=0.3)
+    assert len(calls) == 1
+    torch.manual_seed(1)
+    expected = model.loss(x, pa)
+    expected_exo = model.abduct(x, pa, t=0.3)
+    for key in ("nelbo", "nll", "kl"):
+        torch.testing.assert_close(factual[key], expected[key])
+    torch.testing.assert_close(exo.noise, expected_exo.noise)
+    # t = 0.3 draws posterior noise: the loss's draws come first in both orders, then the abduction's
+    for z, z_expected in zip(exo.latents, expected_exo.latents, strict=True):
+        torch.testing.assert_close(z, z_expected)
+    (factual["nelbo"].sum() + sum(z.sum() for z in exo.latents)).backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize(("groups", "channels"), [(1, 13), (1, 26), (2, 16)])
+def test_group_norm_matches_torch_in_every_layout(groups: int, channels: int) -> None:
+    """The layer-norm route for one-group channels_last maps: same values and gradients as nn.GroupNorm."""
+    torch.manual_seed(0)
+    ours = GroupNorm(groups, channels)
+    nn.init.normal_(ours.weight)
+    nn.init.normal_(ours.bias)
+    reference = nn.GroupNorm(groups, channels)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, channels, 4, 6) * 2 + 1
+    g = torch.randn(3, channels, 4, 6)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        outs = []
+        for norm in (ours, reference):
+            xi = x.contiguous(memory_format=fmt).requires_grad_()
+            y = norm(xi)
+            outs.append((y, *torch.autograd.grad((y * g).sum(), (xi, norm.weight, norm.bias))))
+        assert outs[0][0].is_contiguous(memory_format=fmt)
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,17 @@
 Every rank runs :func:`main`: it validates the config (plugins included) before anything is built,
 writes the resolved config to ``run.dir/config.yaml`` (main process only, atomically) and runs
 the stages in ``STAGES`` order. Fine-tuning runs once per strategy label of the config.
+Launched as a program, it first moves onto tcmalloc when the system has it (``causalimg.tcmalloc``;
+``CAUSALIMG_TCMALLOC=0`` opts out), before torch is imported.
 """
 
 from __future__ import annotations
+
+from causalimg.tcmalloc import loaded as tcmalloc_loaded
+from causalimg.tcmalloc import preload_tcmalloc
+
+if __name__ == "__main__":  # re-executes this command on tcmalloc, once, before torch loads
+    preload_tcmalloc()
 
 import argparse
 import contextlib
@@ -117,7 +125,8 @@ def run_locked(args: argparse.Namespace, config: Any, registry: Any, resolved: s
         except OSError as err:
             raise ConfigError(f"run.dir {str(run_dir)!r} is not writable: {err.strerror or err}") from None
         steps = plan(config, select_stages(args.only, args.start))
-        print(f"run {run_dir} (seed {config.run.seed}{', resuming' if args.resume else ''})")
+        malloc = "tcmalloc" if tcmalloc_loaded() else "system malloc"
+        print(f"run {run_dir} (seed {config.run.seed}{', resuming' if args.resume else ''}, {malloc})")
         print("\n".join(f"  {i}. {step}" for i, step in enumerate(steps, start=1)))
     if args.dry_run:
         return 0

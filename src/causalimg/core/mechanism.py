@@ -3,7 +3,8 @@
 Required: ``ImageMechanism`` and ``AttributeMechanism``. Optional capabilities are protocols of
 their own, checked by type where a stage can use them (``causalimg.testing`` checks them too):
 ``HasEncoder`` (a bottom-up encoder that decoder-only fine-tuning leaves frozen) and
-``Reconstructs`` (a picture of what the model sees in an image, for the pretraining check).
+``Reconstructs`` (a picture of what the model sees in an image, for the pretraining check) and
+``SharesEncoderPass`` (the factual loss and the abduction from one pass, for fine-tuning speed).
 
 Image mechanism x := g(z, pa_x) with exogenous state (latents z, pixel noise u); attribute
 mechanism v := f(u; pa_v), an invertible map so that abduction u = f^-1(v; pa_v) is exact.
@@ -71,6 +72,18 @@ class Reconstructs(Protocol):
 
     def reconstruct(self, x: torch.Tensor, pa: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [-1, 1]: the decoded mean of x's abducted state, without its pixel noise."""
+        ...
+
+
+@runtime_checkable
+class SharesEncoderPass(Protocol):
+    """An image mechanism that gives the factual loss and the abducted state from one pass over x
+    (what a fine-tuning step needs both of)."""
+
+    def loss_and_abduct(
+        self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0
+    ) -> tuple[dict[str, torch.Tensor], Exogenous]:
+        """``(loss(x, pa), abduct(x, pa, t))``, with the same values in eval mode."""
         ...
 
 

@@ -180,28 +180,48 @@ class HVAE(nn.Module):
                 f"hvae: images must be (B, 1, {self.image_shape[0]}, {self.image_shape[1]}), got {tuple(x.shape)}"
             )
 
-    def _decode(self, pa, x=None, latents=None, t=1.0):
-        """-> (loc, log_scale (B, 1, H, W) float32, KL terms, latents)."""
-        acts = None if x is None else self.encoder(x)[::-1]  # lowest resolution first, as the decoder climbs
+    def _decode(self, pa, x=None, latents=None, t=1.0, acts=None):
+        """-> (loc, log_scale (B, 1, H, W) float32, KL terms, latents); ``acts``: encoder activations already computed."""
+        if acts is None and x is not None:
+            acts = self.encoder(x)[::-1]  # lowest resolution first, as the decoder climbs
         h, kls, zs = self.decoder(self.embed(pa), acts, latents, t)
         loc, log_scale = self.likelihood(h)
         return loc, log_scale, kls, zs
 
-    def loss(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image (B,) ``loss`` = ``nelbo`` = nll + beta * kl, each in nats per pixel."""
-        self._check(x, pa)
-        loc, log_scale, kls, _ = self._decode(pa, x=x)
+    def _nelbo(self, x, loc, log_scale, kls) -> dict[str, torch.Tensor]:
         pixels = x[0].numel()
         nll = DiscretisedGaussian.nll(x.float(), loc, log_scale).flatten(1).mean(1)
         kl = sum(k.flatten(1).sum(1) for k in kls) / pixels if kls else torch.zeros_like(nll)
         nelbo = nll + self.beta * kl
         return {"loss": nelbo, "nelbo": nelbo, "nll": nll, "kl": kl}
 
+    def loss(self, x: torch.Tensor, pa: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image (B,) ``loss`` = ``nelbo`` = nll + beta * kl, each in nats per pixel."""
+        self._check(x, pa)
+        loc, log_scale, kls, _ = self._decode(pa, x=x)
+        return self._nelbo(x, loc, log_scale, kls)
+
     def abduct(self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0) -> Exogenous:
         """Posterior latents (noise scaled by t) and pixel noise u = (x - loc) / scale under pa."""
         self._check(x, pa)
         loc, log_scale, _, zs = self._decode(pa, x=x, t=t)
         return Exogenous(latents=zs, noise=(x.float() - loc) / log_scale.exp())
+
+    def loss_and_abduct(
+        self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0
+    ) -> tuple[dict[str, torch.Tensor], Exogenous]:
+        """``loss(x, pa)`` and ``abduct(x, pa, t)`` from ONE encoder pass (fine-tuning needs both).
+
+        Both condition their decoder on the same bottom-up activations of the same x, so the encoder
+        runs once (forward and backward): the same values as the two calls in eval mode; in training
+        the two share the encoder's dropout draw instead of drawing twice (the same expected loss).
+        """
+        self._check(x, pa)
+        acts = self.encoder(x)[::-1]
+        loc, log_scale, kls, _ = self._decode(pa, t=1.0, acts=acts)
+        factual = self._nelbo(x, loc, log_scale, kls)
+        loc, log_scale, _, zs = self._decode(pa, t=t, acts=acts)
+        return factual, Exogenous(latents=zs, noise=(x.float() - loc) / log_scale.exp())
 
     def predict(self, exogenous: Exogenous, pa: torch.Tensor) -> torch.Tensor:
         """clamp(loc + scale * u, -1, 1) decoded from the abducted latents under parents pa."""

@@ -20,10 +20,28 @@ LOG_SCALE_MIN = -9.0  # pixel log-scale floor of the discretised Gaussian
 SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(0 + SOFTPLUS_ONE) = 1: zero-initialised nets give unit scales
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that computes a one-group norm of a narrow channels_last map as a layer norm.
+
+    With one group the statistics run over the whole (C, H, W) sample, which channels_last stores as
+    one contiguous (H, W, C) row: torch's layer norm reduces it at full vector width, while its
+    channels_last group norm vectorises over channels and, with fewer than 32 of them, is 3-4x
+    slower (forward + backward, bf16, 32 x 192 maps). Same statistics, same per-channel affine.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+        if self.num_groups == 1 and c < 32 and x.is_contiguous(memory_format=torch.channels_last) and h * w > 1:
+            rows = rearrange(x, "b c h w -> b h w c")  # a view: channels_last memory is (B, H, W, C)
+            weight, bias = (p.expand(h, w, c) for p in (self.weight, self.bias))
+            return rearrange(F.layer_norm(rows, (h, w, c), weight, bias, self.eps), "b h w c -> b c h w")
+        return super().forward(x)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """Groups of >= 8 channels: a per-channel parent embedding added before the norm survives it
     (with one channel per group the norm would subtract it away entirely)."""
-    return nn.GroupNorm(math.gcd(channels, max(1, channels // 8)), channels)
+    return GroupNorm(math.gcd(channels, max(1, channels // 8)), channels)
 
 
 def conv(c_in: int, c_out: int, kernel: int, zero: bool = False) -> nn.Conv2d:

@@ -26,13 +26,13 @@ baseline: the finetune stage writes the pretrained weights and trains nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
 from causalimg.core.guidance import GuidanceInputs, GuidanceStrategy
-from causalimg.core.mechanism import HasEncoder
+from causalimg.core.mechanism import Exogenous, HasEncoder, ImageMechanism, SharesEncoderPass
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
 from causalimg.errors import ConfigError, DataError
@@ -72,6 +72,17 @@ def measure_nelbo(dscm: DSCM, batches: Iterable[Mapping[str, torch.Tensor]], max
     if count == 0:
         raise DataError("cannot measure the pretrained nelbo: no training batches")
     return total / count
+
+
+def factual_and_abducted(
+    image: nn.Module, x: torch.Tensor, pa: torch.Tensor, t: float
+) -> tuple[dict[str, torch.Tensor], Exogenous]:
+    """The factual loss and the abducted state of x under normalised parents pa: from one encoder pass
+    where the image mechanism ``SharesEncoderPass`` (the HVAE does), else from two calls."""
+    if isinstance(image, SharesEncoderPass):
+        return image.loss_and_abduct(x, pa, t)
+    mechanism = cast(ImageMechanism, image)
+    return mechanism.loss(x, pa), mechanism.abduct(x, pa, t)
 
 
 class LagrangeMultiplier(nn.Module):
@@ -198,11 +209,15 @@ class CounterfactualFineTuning(nn.Module):
         updating = self.constraint == "lagrangian" and self.training and torch.is_grad_enabled()
         if updating:
             self.multiplier.ascend()  # the previous batch's step, before anything here can fail
-        nelbo = dscm.image.loss(x, dscm.image_parents(dscm.transform.normalise(pa)))["loss"].mean()
+        factual, exogenous = factual_and_abducted(
+            dscm.image, x, dscm.image_parents(dscm.transform.normalise(pa)), self.temperature
+        )
+        nelbo = factual["loss"].mean()
         slack = self.eps - nelbo  # > 0 while the factual fit is at least as good as pretrained
 
-        do, intervened = self.draw_intervention(pa)
-        cf_image, cf_parents = dscm.counterfactual(x, pa, do, t=self.temperature)
+        do, intervened = self.draw_intervention(pa)  # as DSCM.counterfactual, with the state abducted above
+        cf_parents = dscm.counterfactual_parents(pa, do)
+        cf_image = dscm.image.predict(exogenous, dscm.image_parents(dscm.transform.normalise(cf_parents)))
         inputs = GuidanceInputs(
             cf_image=cf_image, cf_parents=cf_parents, image=x, parents=pa, intervened=intervened,
             regions=self._regions(batch), pixel_area_mm2=self.pixel_area_mm2, transform=dscm.transform,

@@ -86,6 +86,19 @@ def warmup_lr(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / config.warmup_steps)
 
 
+def make_adamw(parameters: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with ``config``'s settings, fused into one kernel over all tensors where torch has one.
+
+    The fused kernel does the same update as the per-tensor one without ~8 small ops per tensor:
+    about 10 % of a paper-preset HVAE step on a CPU. Other devices or dtypes get the default.
+    """
+    supported = ("cpu", "cuda", "xpu", "mps")
+    fused = bool(parameters) and all(p.device.type in supported and p.is_floating_point() for p in parameters)
+    return torch.optim.AdamW(
+        parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused or None
+    )
+
+
 def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -199,9 +212,7 @@ class _Trainer:
         self.model, self.objective, self.config, self.out_dir = model, objective, config, out_dir
         self.acc, self.seed, self.desc = accelerator, seed, desc
         self.extra_state, self.trainable = extra_state, trainable
-        self.optimizer = accelerator.prepare_optimizer(
-            torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        )
+        self.optimizer = accelerator.prepare_optimizer(make_adamw(trainable, config))
         self.ema = EMA(model, config.ema_decay)
         self.step = 0
         self.skips: dict[str, int] = {}
