@@ -223,7 +223,7 @@ class PhantomSource:
         os.replace(folder / f"done.json{tag}", folder / "done.json")
 
     # -- exogenous state and regions -----------------------------------------------------------
-    def exogenous_batch(self, split: Split, indices: Sequence[int]) -> geo.PhantomExogenous:
+    def exogenous_batch(self, split: Split, indices: Sequence[int] | np.ndarray) -> geo.PhantomExogenous:
         """The exogenous state of images ``indices`` of ``split`` (regenerated from the seed)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.size(split)):

@@ -19,6 +19,7 @@ Each image's exogenous state is drawn from its own random stream keyed by (seed,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -140,7 +141,7 @@ def _field_shapes(num_roots: int, num_cuts: int) -> dict[str, tuple[int, ...]]:
     }  # fmt: skip
 
 
-def stream(key: tuple[int, int, int], purpose: int) -> np.random.Generator:
+def stream(key: tuple[int, ...], purpose: int) -> np.random.Generator:
     """The random stream of one image: (seed, split code, index) plus a purpose (0 state, 1 noise)."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([*key, purpose])))
 
@@ -203,7 +204,7 @@ def draw_exogenous(
     split: str,
     indices: np.ndarray,
     with_age: bool,
-    cuts: np.ndarray | None = None,
+    cuts: Callable[[np.ndarray], np.ndarray] | None = None,
     confound: ConfoundConfig | None = None,
 ) -> PhantomExogenous:
     """Draw the exogenous state of images ``indices`` of ``split`` (vectorised after one draw each).
@@ -421,7 +422,7 @@ def ncpa_intervals(centre: np.ndarray, r: np.ndarray, t: np.ndarray) -> tuple[In
     return (centre - r - t[:, 0], centre - r), (centre + r, centre + r + t[:, 1])
 
 
-def ca_intervals(ncpa: tuple[Interval, Interval], gap: np.ndarray, t: np.ndarray) -> tuple[Interval, Interval]:
+def ca_intervals(ncpa: Sequence[Interval], gap: np.ndarray, t: np.ndarray) -> tuple[Interval, Interval]:
     """Calcium of thickness ``t`` (B, 2, Nf) beyond the non-calcified plaque, after a wall ``gap`` (B,)."""
     ncpa_up, ncpa_lo = ncpa
     g = gap[:, None, None] * np.minimum(t / 0.2, 1.0)  # (B, 2, Nf): no gap where there is no calcium

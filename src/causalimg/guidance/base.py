@@ -25,6 +25,7 @@ from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from causalimg.core.guidance import GuidanceInputs, GuidancePredictors, GuidanceStrategy
+from causalimg.core.regions import variable_areas
 from causalimg.errors import ConfigError
 from causalimg.predictors.frozen import freeze
 from causalimg.strict import StrictModel
@@ -142,3 +143,15 @@ class MeasurementGuidance(GuidanceStrategy, ABC):
         )  # (B, M)
         # summed over measurements, averaged over the batch
         return {self.term_name: config.weight * reduce(errors, "b m -> b", "sum").mean()}
+
+
+class SoftAreaGuidance(MeasurementGuidance):
+    """Base of the segmentor strategies: soft areas of every structure inside given region masks."""
+
+    predictor_field = "segmentor"
+    config: SoftAreaGuidanceConfig
+
+    def soft_areas(self, image: torch.Tensor, regions: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
+        """(B, 1, H, W) image, (B or 1, K, H, W) masks -> (B, S * K) soft areas (Eq. 2), structure-major."""
+        probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
+        return variable_areas(probs, regions, inputs.pixel_area_mm2, inputs.schema.labels)

@@ -19,10 +19,9 @@ import causalimg
 from causalimg.core.guidance import GuidanceInputs
 from causalimg.errors import ConfigError
 from causalimg.guidance.base import (
-    MeasurementGuidance,
+    SoftAreaGuidance,
     SoftAreaGuidanceConfig,
     area_indices,
-    class_probabilities,
     normalise_with,
 )
 from causalimg.plugins.specs import GuidanceSpec
@@ -32,17 +31,14 @@ class PositionalSegmentorGuidanceConfig(SoftAreaGuidanceConfig):
     name: Literal["positional-segmentor"] = "positional-segmentor"
 
 
-class PositionalSegmentorGuidance(MeasurementGuidance):
-    predictor_field = "segmentor"
-
+class PositionalSegmentorGuidance(SoftAreaGuidance):
     def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         if inputs.regions.shape[1] != len(inputs.schema.regions):
             raise ConfigError(
                 f"{inputs.regions.shape[1]} region masks but {len(inputs.schema.regions)} regions "
                 f"{list(inputs.schema.regions)}"
             )
-        probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
-        areas = inputs.schema.measure(probs, inputs.regions, inputs.pixel_area_mm2)  # (B, S*K) mm^2
+        areas = self.soft_areas(image, inputs.regions, inputs)  # (B, S*K)
         idx = area_indices(inputs)
         return normalise_with(areas, inputs.transform.low[idx], inputs.transform.high[idx])
 

@@ -17,12 +17,10 @@ from einops import rearrange, reduce
 
 import causalimg
 from causalimg.core.guidance import GuidanceInputs
-from causalimg.core.regions import variable_areas
 from causalimg.guidance.base import (
-    MeasurementGuidance,
+    SoftAreaGuidance,
     SoftAreaGuidanceConfig,
     area_indices,
-    class_probabilities,
     normalise_with,
 )
 from causalimg.plugins.specs import GuidanceSpec
@@ -32,9 +30,7 @@ class SegmentorGuidanceConfig(SoftAreaGuidanceConfig):
     name: Literal["segmentor"] = "segmentor"
 
 
-class SegmentorGuidance(MeasurementGuidance):
-    predictor_field = "segmentor"
-
+class SegmentorGuidance(SoftAreaGuidance):
     def _structure_sums(self, values: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
         """(B, P) per-variable values -> (B, S) per-structure sums over regions."""
         idx = area_indices(inputs).to(values.device)
@@ -48,9 +44,8 @@ class SegmentorGuidance(MeasurementGuidance):
         return normalise_with(areas, low, high)
 
     def measure(self, image: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
-        probs = class_probabilities(self.predictor(image), self.config.gradient_temperature)  # (B, C, H, W)
-        whole = torch.ones(1, 1, *image.shape[-2:], dtype=probs.dtype, device=probs.device)
-        areas = variable_areas(probs, whole, inputs.pixel_area_mm2, inputs.schema.labels)  # (B, S) mm^2
+        whole = torch.ones(1, 1, *image.shape[-2:], dtype=image.dtype, device=image.device)  # one region: all
+        areas = self.soft_areas(image, whole, inputs)  # (B, S)
         return self._normalise(areas, inputs)
 
     def target(self, parents: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:

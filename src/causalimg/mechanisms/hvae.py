@@ -106,7 +106,7 @@ def resolve(config: HVAEConfig, image_shape: Resolution) -> Architecture:
     """Fill unset fields from the preset and check every per-stage tuple against the image's stages."""
     if len(image_shape) != 2 or min(image_shape) < 1:
         raise ConfigError(f"hvae: image_shape must be (H, W) with positive sides, got {image_shape}")
-    resolutions = stage_resolutions(tuple(image_shape), config.stage_factors)
+    resolutions = stage_resolutions((image_shape[0], image_shape[1]), config.stage_factors)
     n = len(resolutions)
     if config.preset == "paper":
         if n not in _PAPER:

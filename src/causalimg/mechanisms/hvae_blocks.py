@@ -7,6 +7,7 @@ its target size explicitly instead of deriving one side from the other.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def conv(c_in: int, c_out: int, kernel: int, zero: bool = False) -> nn.Conv2d:
     layer = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2)
     if zero:  # residual branches start as the identity; priors start as N(0, 1)
         nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
+        nn.init.zeros_(layer.bias)  # type: ignore[arg-type]  # a conv made with a bias
     return layer
 
 
@@ -123,7 +124,7 @@ class Encoder(nn.Module):
         for i, stage in enumerate(self.stages):
             if i:
                 h = F.adaptive_avg_pool2d(h, self.resolutions[i])  # exact average: sizes divide
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):
                 h = _maybe_checkpoint(self.checkpointing, block, h)
             acts.append(h)
         return acts
@@ -215,7 +216,7 @@ class Decoder(nn.Module):
                 h = F.interpolate(h, size=self.resolutions[i], mode="nearest").contiguous(memory_format=fmt)
                 h = self.widen[i](h)
             enc = None if acts is None else acts[i]
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):
                 latent = latents[k] if (latents is not None and block.stochastic) else None
                 h, kl, z = _maybe_checkpoint(self.checkpointing, block, h, emb, enc, latent, t)
                 if block.stochastic:
@@ -226,7 +227,8 @@ class Decoder(nn.Module):
 
     def _memory_format(self) -> torch.memory_format:
         """channels_last if the model was converted to it (read off a 3 x 3 weight, whose layout is unambiguous)."""
-        w = self.stages[-1][0].res.branch[2].weight
+        last: DecoderBlock = cast(nn.ModuleList, self.stages[-1])[0]  # type: ignore[assignment]
+        w = cast(nn.Conv2d, last.res.branch[2]).weight
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
             return torch.channels_last
         return torch.contiguous_format
