@@ -108,8 +108,9 @@ def run(step: Step) -> dict[str, Any]:
     evaluated = {label: _evaluation(run_dir / "evaluate" / label / METRICS_FILE) for label in labels}
     results = {label: e["metrics"] for label, e in evaluated.items()}
     info, metrics, report = EvalInfo(schema), step.build.metrics(), config.report
-    entries = {
-        label: {name: metrics[name].report(summary, info) for name, summary in r.items() if name in metrics}
+    order = [*(m for m in report.tables if m in metrics), *(m for m in metrics if m not in report.tables)]
+    entries = {  # the metrics that make a Table 1 first: their columns lead the summary
+        label: {name: metrics[name].report(r[name], info) for name in order if name in r}
         for label, r in results.items()
     }
     unit = schema.areas[0].unit
