@@ -41,8 +41,8 @@ class CounterfactualModel(Protocol):
 class DSCMCounterfactuals:
     """A DSCM at a fixed abduction temperature: abduction, action, prediction.
 
-    The abduction of the last (x, pa) pair is kept, so the interventions of a sweep (one per area variable) on the
-    same images share one abduction (and, at t > 0, one posterior sample) instead of one each.
+    The abduction of the last (x, pa) pair is kept, so the interventions of a sweep (one per area
+    variable) on the same images share one abduction (and, at t > 0, one posterior sample).
     """
 
     def __init__(self, dscm: Any, temperature: float = 0.0):
