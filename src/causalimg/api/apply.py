@@ -184,7 +184,7 @@ def _write(
     out: Path,
     collected: Collected,
 ) -> None:
-    classes = model.segment(result.images).argmax(1).cpu()  # (B, H, W) the evaluation segmentor's labels of x~
+    classes = result.masks.argmax(1)  # (B, H, W) the evaluation segmentor's labels of x~
     errors, changes = result.errors(), (result.measured - result.measured_factual).abs()
     collected.errors.append(errors)
     collected.changes.append(changes)

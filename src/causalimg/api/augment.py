@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -258,7 +257,7 @@ def _chunk(
             policy=cast(OutOfSupport, settings.policy),
         )
         result = model.counterfactual(factual, targets.values)
-        probs = model.segment(result.images).cpu().numpy().astype(np.float32)  # (B, C, H, W)
+        probs = result.masks.numpy()  # (B, C, H, W) float32, the evaluation segmentor's on x~
         for b, index in enumerate(indices):
             asked = {name: float(v[b]) for name, v in targets.values.items()}
             row = {
