@@ -35,7 +35,7 @@ from causalimg.core.guidance import GuidancePredictors
 from causalimg.core.transform import VariableTransform
 from causalimg.plugins.manager import load_registry
 from causalimg.training.accelerator import tune_malloc
-from causalimg.training.loop import make_adamw
+from causalimg.training.loop import make_adamw, to_channels_last
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hvae_speed import cpu_model
@@ -77,7 +77,8 @@ def build_step(label: str, build: Builder, data: dict, source, transform: Variab
     cft = build.finetuning(dscm, strategies, schema, float(source.spacing_mm) ** 2, eps=1.0)
     cft.train()
     if args.mode == "bf16":
-        cft.to(memory_format=torch.channels_last)
+        to_channels_last(cft.trainable)  # as the training loop does: what trains, and the batch
+        data = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in data.items()}
     opt = make_adamw(cft.trainable, TrainConfig(lr=1e-4, betas=(0.9, 0.9), weight_decay=0.01))  # as the loop does
 
     def step() -> float:
