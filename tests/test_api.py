@@ -214,3 +214,15 @@ def test_api_is_importable_from_the_package_root():
     import causalimg
 
     assert causalimg.CounterfactualModel is CounterfactualModel
+
+
+def test_the_documented_examples_run(run_dir, capsys):
+    """docs/use.md's Python blocks, in order, against the tiny run instead of runs/quickstart."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "use.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(block.replace("runs/quickstart", str(run_dir)), namespace)
+    assert namespace["more"].images.shape == namespace["less"].images.shape == namespace["images"].shape
+    assert "tensor" in capsys.readouterr().out
