@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from causalimg import run
 from causalimg.api.bundle import export_model
 from causalimg.api.model import GIVEN, MASKS, SEGMENTOR, CounterfactualModel
 from causalimg.builder import Builder
-from causalimg import run
 from causalimg.cli import main
 from causalimg.config.loader import load_config
 from causalimg.errors import CausalImgError, InterventionError
@@ -139,7 +139,9 @@ def test_counterfactual_command_on_files_writes_the_same_format(run_dir, tmp_pat
     inputs = sorted((images / "images").iterdir())
     out = tmp_path / "out"
     # parents read by the tiny run's untrained segmentor may lie outside the support: clamp
-    rc = main(["counterfactual", str(run_dir), "--input", str(inputs[0]), "--do", "cpa_mid=+1", "--clamp", "--out", str(out)])
+    rc = main(
+        ["counterfactual", str(run_dir), "--input", str(inputs[0]), "--do", "cpa_mid=+1", "--clamp", "--out", str(out)]
+    )
     assert rc == 0
     written = list((out / "images").iterdir())
     assert [p.suffix for p in written] == [inputs[0].suffix]
@@ -172,7 +174,9 @@ def test_augment_writes_a_folder_data_set_that_the_folder_plugin_reads_and_resum
     assert main([*args, "--interventions", "la_mid=-1", "--out-of-support", "clamp"]) == 0  # resumed: nothing redone
     assert {p.name: p.stat().st_mtime_ns for p in files} == stamps
     registry = load_registry()
-    config = load_config("tiny", [f"run.dir={tmp_path / 'downstream'}", f"data={{name: folder, path: {out}}}"], registry)
+    config = load_config(
+        "tiny", [f"run.dir={tmp_path / 'downstream'}", f"data={{name: folder, path: {out}}}"], registry
+    )
     source = Builder(config, registry).data_source(tmp_path / "cache")
     check_data_source(source, split="test")
     # a different spec into the same folder is refused rather than mixed in
