@@ -25,6 +25,7 @@ FLOORS: list[set[str]] = [
     {"preflight"},
     {"pipeline"},
     {"api"},
+    {"explore"},
     {"cli"},
     {"run", "__main__"},
 ]

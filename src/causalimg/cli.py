@@ -1,4 +1,4 @@
-"""The ``causalimg`` command: inspect plugins, validate configs, print the config schema.
+"""The ``causalimg`` command: inspect plugins, validate configs, print the config schema, use a trained model.
 
 Subcommands live in the ``COMMANDS`` table. Adding one is a function that adds its arguments, a
 function that runs it and one ``Command(...)`` line; a long-running command imports its heavy
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from causalimg import __version__
@@ -183,6 +184,162 @@ def _export_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """A trained model: a run folder or an exported model folder, one of its strategies, a device."""
+    parser.add_argument("model", metavar="RUN", help="a run folder (run.dir) or an exported model folder")
+    parser.add_argument(
+        "--strategy",
+        default=None,
+        help="fine-tuning strategy label (default: positional-segmentor, or the only one; an exported model's own)",
+    )
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    parser.add_argument(
+        "--ignore-versions",
+        action="store_true",
+        help="load an exported model written by another causalimg or torch version (with a warning)",
+    )
+
+
+def _counterfactual_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="an image (.npz, or .png with optional _mask.png) or a folder of them")
+    source.add_argument("--split", choices=("train", "val", "test"), help="images of the run's own data set")
+    parser.add_argument("-n", "--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument(
+        "--do",
+        action="append",
+        required=True,
+        metavar="VAR=VALUE",
+        help="intervention (repeatable): cpa_mid=35 sets, cpa_mid=+20 / -5 changes, cpa_mid=U(10,40) draws per image",
+    )
+    parser.add_argument("--out", required=True, help="folder for images/, differences/, contact_sheet.png, areas.*")
+    parser.add_argument("--clamp", action="store_true", help="clamp targets outside a variable's support to it")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the abduction noise and of U(...) draws")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _counterfactual(args: argparse.Namespace) -> int:
+    from causalimg.api.apply import counterfactual_command
+
+    with _one_line_warnings():
+        return counterfactual_command(
+            args.model,
+            args.strategy,
+            args.input,
+            args.split,
+            args.limit,
+            args.do,
+            args.out,
+            clamp=args.clamp,
+            seed=args.seed,
+            batch_size=_positive(args.batch_size, "--batch-size"),
+            device=args.device or "cpu",
+            check_versions=not args.ignore_versions,
+        )
+
+
+def _augment_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--split", default="train", help="split(s) of the run's data, comma-separated (default train)")
+    parser.add_argument(
+        "--interventions",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="cpa_mid=+20 or cpa_mid=+20,la_mid=U(60,90) (one intervention), or a YAML file listing them; repeatable",
+    )
+    parser.add_argument("--out", required=True, help="folder data set to write (rerun to resume)")
+    parser.add_argument(
+        "--out-of-support",
+        choices=("error", "clamp", "skip"),
+        default="error",
+        help="a target outside its support: refuse before writing (default), clamp it, or leave the image out",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="source images per chunk (default 64)")
+    parser.add_argument("-n", "--limit", type=int, default=None, help="only the first N images of each split")
+
+
+def _augment(args: argparse.Namespace) -> int:
+    from causalimg.api.augment import augment_command
+
+    with _one_line_warnings():
+        return augment_command(
+            args.model,
+            args.strategy,
+            args.split,
+            args.interventions,
+            args.out,
+            policy=args.out_of_support,
+            seed=args.seed,
+            batch_size=_positive(args.batch_size, "--batch-size"),
+            limit=args.limit,
+            device=args.device,
+            check_versions=not args.ignore_versions,
+        )
+
+
+def _export_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="RUN", help="a run folder (run.dir)")
+    parser.add_argument("--strategy", default=None, help="strategy label (default: positional-segmentor)")
+    parser.add_argument("--out", required=True, help="new or empty folder to write the model into")
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from causalimg.api.bundle import export_model
+
+    print(export_model(args.model, args.strategy, args.out))
+    return 0
+
+
+def _explore_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--images", default=None, help="a folder of images (default: the run's test images)")
+    parser.add_argument("-n", "--limit", type=int, default=32, help="images to offer (default 32)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from causalimg.explore.server import explore_command
+
+    with _one_line_warnings():
+        return explore_command(
+            args.model,
+            args.strategy,
+            args.images,
+            args.limit,
+            args.host,
+            args.port,
+            device=args.device or "cpu",
+            check_versions=not args.ignore_versions,
+        )
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings of a command as ``causalimg: warning: ...`` lines, without the source line they came from."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"causalimg: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        from causalimg.errors import ConfigError
+
+        raise ConfigError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("plugins", "list registered components with their distribution", _plugins_arguments, _plugins),
     Command("validate", "check a config and its overrides", _validate_arguments, _validate),
@@ -194,12 +351,24 @@ COMMANDS: tuple[Command, ...] = (
         _contact_sheet,
     ),
     Command("export-phantom", "write the phantom as a folder data set", _export_phantom_arguments, _export_phantom),
+    Command(
+        "counterfactual",
+        "apply an intervention to images with a trained model",
+        _counterfactual_arguments,
+        _counterfactual,
+    ),
+    Command("augment", "write counterfactuals of a split as a folder data set", _augment_arguments, _augment),
+    Command(
+        "export-model", "package a trained strategy as one loadable folder", _export_model_arguments, _export_model
+    ),
+    Command("explore", "serve a local page to explore counterfactuals with sliders", _explore_arguments, _explore),
 )
 
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="causalimg", description="Inspect plugins, validate configs and print the config schema."
+        prog="causalimg",
+        description="Inspect plugins, validate configs, print the config schema and use trained models.",
     )
     parser.add_argument("--version", action="version", version=f"causalimg {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
