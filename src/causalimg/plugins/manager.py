@@ -55,6 +55,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "causalimg.data.folder",
     "causalimg.mechanisms.flows",
     "causalimg.mechanisms.hvae",
+    "causalimg.mechanisms.flow_matching",
     "causalimg.metrics.effectiveness",
     "causalimg.metrics.ground_truth",
     "causalimg.metrics.composition",
