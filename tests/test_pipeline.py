@@ -74,6 +74,14 @@ def test_tiny_run_end_to_end_then_skip_then_redo_one_strategy(tmp_path, registry
         metrics = results["strategies"][label]
         assert {"effectiveness", "ground-truth", "composition", "reversibility", "realism"} <= set(metrics)
         assert metrics["effectiveness"]["cells"]["cpa_mid"]["cpa_mid"]["n"] == config.evaluate.num_images
+    # Figure 1 shows the phantom's TRUE counterfactual of each ask, changed inside the asked region only
+    figure = load_tensors(tmp_path / "run" / "evaluate" / labels[0] / "figure.safetensors")
+    truth, regions = figure["true_counterfactuals"], figure["regions"]  # (K, 1, H, W), (K, H, W)
+    assert truth.shape == figure["counterfactuals"].shape and torch.isfinite(truth).all()
+    change = (truth - figure["factual"]).abs().squeeze(1)  # (K, H, W)
+    for k in range(len(regions)):
+        assert change[k][regions[k] > 0.5].sum() > 0  # the asked region changed
+        assert change[k][regions[k] < 0.5].max() < 1e-6  # nothing else did
 
     again = run_pipeline(config, registry)
     assert set(statuses(again).values()) == {"skipped"}

@@ -42,7 +42,9 @@ class FlowMatchingConfig(StrictModel):
     name: Literal["flow-matching"] = "flow-matching"
     preset: Literal["cpu", "paper"] | None = "cpu"
     widths: tuple[PositiveInt, ...] | None = Field(None, min_length=1)  # channels per U-Net level
-    blocks: tuple[PositiveInt, ...] | None = Field(None, min_length=1)  # residual blocks per level, down and up path each
+    blocks: tuple[PositiveInt, ...] | None = Field(
+        None, min_length=1
+    )  # residual blocks per level, down and up path each
     embed_dim: PositiveInt | None = None  # width of the joint (time, parents) embedding
     solver: Solver = "rk4"
     steps: PositiveInt = 4  # solver steps from t = 0 to t = 1, for abduction, prediction and sampling

@@ -94,9 +94,15 @@ def figure_structure(schema: VariableSchema, figure: FigureConfig) -> str:
 
 
 def figure_images(
-    dscm: DSCM, batch: Mapping[str, torch.Tensor], schema: VariableSchema, figure: FigureConfig, temperature: float
+    dscm: DSCM,
+    batch: Mapping[str, torch.Tensor],
+    schema: VariableSchema,
+    figure: FigureConfig,
+    temperature: float,
+    truth: TrueCounterfactual | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Counterfactuals of one image: ``figure.change`` more of one structure in each region in turn.
+    """Counterfactuals of one image: ``figure.change`` more of one structure in each region in turn,
+    and, where the data set knows them (``truth``), the TRUE counterfactuals of the same asks.
 
     The image is the one of the batch with the most room for the change in its tightest region, so
     the clipping to the support shrinks the change as little as possible (the same image for every
@@ -110,19 +116,26 @@ def figure_images(
     i = int(room.argmax())
     x, pa = batch["image"][i : i + 1], pa[i : i + 1]
     model = DSCMCounterfactuals(dscm, temperature)
-    images, targets = [], []
+    one = {key: value[i : i + 1] for key, value in batch.items() if isinstance(value, torch.Tensor)}
+    images, targets, true_images = [], [], []
     for column in columns:
         target = (pa[:, column] + figure.change).clamp(float(transform.low[column]), float(transform.high[column]))
-        x_cf, _ = model.counterfactual(x, pa, {transform.names[column]: target})
+        do = {transform.names[column]: target}
+        x_cf, _ = model.counterfactual(x, pa, do)
         images.append(x_cf[0])
         targets.append(target)
-    return {
+        if truth is not None:
+            true_images.append(truth(one, {name: value.cpu() for name, value in do.items()})[0][0].to(x_cf))
+    out = {
         "factual": x[0].cpu(),  # (1, H, W)
         "counterfactuals": torch.stack(images).cpu(),  # (K, 1, H, W)
         "targets": torch.cat(targets).cpu(),  # (K,)
         "factual_values": pa[0, columns].cpu(),  # (K,)
         "regions": batch["regions"][i].cpu(),  # (K, H, W)
     }
+    if truth is not None:
+        out["true_counterfactuals"] = torch.stack(true_images).cpu()  # (K, 1, H, W); NaN where unreachable
+    return out
 
 
 def figure_titles(figure: Mapping[str, torch.Tensor], schema: VariableSchema, config: FigureConfig) -> list[str]:
@@ -180,7 +193,7 @@ def run(step: Step) -> dict[str, Any]:
         first = next(iter(DataLoader(Subset(split, range(min(n, FIGURE_CANDIDATES))), batch_size=FIGURE_CANDIDATES)))
         first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
         with torch.no_grad():
-            figure = figure_images(dscm, first, schema, config.report.figure, temperature)
+            figure = figure_images(dscm, first, schema, config.report.figure, temperature, truth)
         save_tensors(step.dir / FIGURE_FILE, figure)
     accelerator.wait_for_everyone()
     headline: dict[str, Any] = {"num_images": n, "split": split_name}

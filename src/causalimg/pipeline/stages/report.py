@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from causalimg.config.loader import dump_config
 from causalimg.core.schema import VariableSchema
 from causalimg.errors import DataError
@@ -30,6 +32,7 @@ from causalimg.report.paired import ordering_findings, paired_differences, paire
 from causalimg.report.tables import Cell, Table, intervention_table, ordering_count, summary_table
 
 READS = ("*",)  # the report shows the whole resolved config
+TRUE_ROW = "true counterfactual"  # Figure 1's top row where the data set knows its causal model
 
 
 def table_name(metric: str) -> str:
@@ -147,11 +150,19 @@ def run(step: Step) -> dict[str, Any]:
             first = next(iter(loaded.values()))
             titles = figure_titles(first, schema, report.figure)  # type: ignore[arg-type]
             cfs = {label: list(f["counterfactuals"]) for label, f in loaded.items()}  # type: ignore[arg-type]
+            truth = first.get("true_counterfactuals")
+            if isinstance(truth, torch.Tensor) and bool(torch.isfinite(truth).all()):
+                cfs = {TRUE_ROW: list(truth), **cfs}  # the answer every strategy is scored against, on top
             path = figure1(first["factual"], cfs, first["regions"], schema.regions, titles, out / "figure1.png")  # type: ignore[arg-type]
             figures.append(
                 (
                     path,
-                    f"Figure 1: {report.figure.change:g} {unit} more per region, clipped to the support; x~ and x~ - x",
+                    f"Figure 1: {report.figure.change:g} {unit} more per region, clipped to the support; x~ and x~ - x"
+                    + (
+                        f" (top: the data set's {TRUE_ROW}, the answer each strategy is scored against)"
+                        if TRUE_ROW in cfs
+                        else ""
+                    ),
                 )
             )
         for metric in report.tables:
