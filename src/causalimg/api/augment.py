@@ -162,7 +162,6 @@ def augment(
     seed: int = 0,
     batch_size: int = 64,
     limit: int | None = None,
-    sync: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write (or finish writing) one split; returns the counts of this split. Every rank calls it."""
@@ -191,7 +190,7 @@ def augment(
     ) as bar:
         for c in chunks:
             start, stop = c * batch_size, min((c + 1) * batch_size, n)
-            rows = _chunk(model, data, range(start, stop), interventions, folder, width, settings, sync)
+            rows = _chunk(model, data, range(start, stop), interventions, folder, width, settings)
             atomic_write_json(records / f"{c}.json", rows)
             bar.update((stop - start) * len(interventions))
     accelerator.wait_for_everyone()
@@ -229,7 +228,6 @@ def _chunk(
     folder: Path,
     width: int,
     settings: Settings,
-    sync: bool,
 ) -> list[dict[str, Any]]:
     """Counterfactuals of one chunk under every intervention, written; returns their provenance rows."""
     items = [data[i] for i in indices]
@@ -282,7 +280,7 @@ def _chunk(
                     "causalimg": causalimg.__version__,
                 }
                 meta = {**metadata[b], "spacing_mm": model.spacing_mm, "provenance": json.dumps(provenance)}
-                write_item(folder / str(row["file"]), result.images[b, 0].numpy(), probs[b], meta, sync=sync)
+                write_item(folder / str(row["file"]), result.images[b, 0].numpy(), probs[b], meta)
             rows.append(row)
     return rows
 

@@ -15,13 +15,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from causalimg.core.schema import VariableSchema
+from causalimg.data.folder_writer import write_item
 from causalimg.errors import CausalImgError, DataError
 from causalimg.io import atomic_path, atomic_write_json
 
@@ -247,9 +248,7 @@ class Reader:
                 x = (x + 1) / 2 * (hi - lo) + lo
             path = folder / f"{source.stem}.npz"
             arrays = {k: _array(v) for k, v in metadata.items()}
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, image=x.astype(np.float32), mask=labels.astype(np.int32), **cast(dict[str, Any], arrays))
-            return path
+            return write_item(path, x.astype(np.float32), labels.astype(np.int32), arrays)
         scale = 2**source.bits - 1
         pixels = np.round((x + 1) / 2 * scale).clip(0, scale)
         path = folder / f"{source.stem}.png"

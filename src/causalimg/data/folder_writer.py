@@ -10,7 +10,6 @@ Items are written to a temporary name and renamed, so a reader never sees half a
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +18,7 @@ import numpy as np
 
 from causalimg.core.schema import VariableSchema
 from causalimg.data.folder import MANIFEST
-from causalimg.io import atomic_write_text, disk_full, is_disk_full
+from causalimg.io import atomic_path, atomic_write_text
 
 
 def dataset_description(
@@ -45,14 +44,12 @@ def write_dataset_json(
     return path
 
 
-def write_item(
-    path: Path, image: np.ndarray, mask: np.ndarray, metadata: Mapping[str, Any] | None = None, *, sync: bool = True
-) -> Path:
+def write_item(path: Path, image: np.ndarray, mask: np.ndarray, metadata: Mapping[str, Any] | None = None) -> Path:
     """One ``.npz`` item: ``image`` (H, W), ``mask`` (H, W) labels or (C, H, W) fractions, and metadata.
 
     Metadata values are numbers, strings or lists of numbers (the folder reader hands them back as
-    Python values, e.g. ``boundaries_mm`` for the landmarks partitioner); ``sync`` fsyncs the file
-    before the rename (durable after a power cut, not only after a crash).
+    Python values, e.g. ``boundaries_mm`` for the landmarks partitioner). Written through
+    ``io.atomic_path``: fsynced and renamed, a full disk named as such.
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -63,18 +60,6 @@ def write_item(
     reserved = {"image", "mask"} & set(arrays)
     if reserved or any(a.dtype == object for a in arrays.values()):
         raise ValueError(f"{path}: metadata may not be named {sorted(reserved)} nor hold objects")
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, image=image, mask=mask, **cast(dict[str, Any], arrays))
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if is_disk_full(err):
-            raise disk_full(path, err) from err
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, image=image, mask=mask, **cast(dict[str, Any], arrays))
     return path

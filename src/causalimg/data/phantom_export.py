@@ -20,9 +20,10 @@ import numpy as np
 from causalimg.core.data import SPLITS, Split
 from causalimg.data import phantom_render as render
 from causalimg.data.folder import MANIFEST
+from causalimg.data.folder_writer import write_item
 from causalimg.data.phantom import AGE, CHUNK, CLASSES, LANDMARKS_KEY, STRUCTURES, PhantomSource
 from causalimg.errors import ConfigError
-from causalimg.io import atomic_path, atomic_write_text
+from causalimg.io import atomic_write_text
 
 
 def dataset_description(source: PhantomSource) -> dict:
@@ -61,8 +62,7 @@ def export_phantom(source: PhantomSource, out: Path, splits: Sequence[Split] = S
                 meta = {LANDMARKS_KEY: exo.boundaries_mm[row], "spacing_mm": np.float64(source.spacing_mm)}
                 if source.with_age:
                     meta[AGE] = np.float64(r.parents[row, 0])
-                with atomic_path(folder / f"{index:0{width}d}.npz") as tmp:
-                    np.savez(tmp, image=r.image[row, 0], mask=masks[row], **meta)
+                write_item(folder / f"{index:0{width}d}.npz", r.image[row, 0], masks[row], meta)
         folders.append(folder)
     atomic_write_text(out / MANIFEST, json.dumps(dataset_description(source), indent=2) + "\n")
     return folders
