@@ -27,6 +27,7 @@ import causalimg
 from causalimg.core.mechanism import Exogenous
 from causalimg.errors import ConfigError
 from causalimg.mechanisms.flow_matching_blocks import VelocityUNet
+from causalimg.mechanisms.presets import fill_from_preset
 from causalimg.plugins.specs import ImageMechanismSpec
 from causalimg.strict import StrictModel
 
@@ -90,14 +91,7 @@ def resolve(config: FlowMatchingConfig, image_shape: Resolution) -> Architecture
     if len(image_shape) != 2 or min(image_shape) < 1:
         raise ConfigError(f"flow-matching: image_shape must be (H, W) with positive sides, got {image_shape}")
     preset = _PRESETS[config.preset] if config.preset is not None else {}
-    fields = {}
-    for key in ("widths", "blocks", "embed_dim"):
-        value = getattr(config, key)
-        if value is None:
-            if key not in preset:
-                raise ConfigError(f"flow-matching.{key} is required when preset is null")
-            value = preset[key]
-        fields[key] = value
+    fields = fill_from_preset(config, preset, ("widths", "blocks", "embed_dim"), "flow-matching")
     if len(fields["blocks"]) != len(fields["widths"]):
         raise ConfigError(
             f"flow-matching.blocks has {len(fields['blocks'])} entries, widths {len(fields['widths'])}: one per level"

@@ -20,6 +20,7 @@ import causalimg
 from causalimg.core.mechanism import Exogenous
 from causalimg.errors import ConfigError
 from causalimg.mechanisms.hvae_blocks import Decoder, DiscretisedGaussian, Encoder
+from causalimg.mechanisms.presets import fill_from_preset
 from causalimg.plugins.specs import ImageMechanismSpec
 from causalimg.strict import StrictModel
 
@@ -122,14 +123,8 @@ def resolve(config: HVAEConfig, image_shape: Resolution) -> Architecture:
                       bottleneck=0.5, z_dim=8, embed_dim=64)  # fmt: skip
     else:
         preset = {}
-    fields = {}
-    for key in ("widths", "enc_blocks", "dec_blocks", "bottleneck", "z_dim", "embed_dim"):
-        value = getattr(config, key)
-        if value is None:
-            if key not in preset:
-                raise ConfigError(f"hvae.{key} is required when preset is null")
-            value = preset[key]
-        fields[key] = value
+    keys = ("widths", "enc_blocks", "dec_blocks", "bottleneck", "z_dim", "embed_dim")
+    fields = fill_from_preset(config, preset, keys, "hvae")
     names = " -> ".join(f"{h}x{w}" for h, w in resolutions)
     for key in ("widths", "enc_blocks", "dec_blocks"):
         if len(fields[key]) != n:
