@@ -3,15 +3,18 @@
 One CFT step = factual nelbo + abduction + counterfactual decode + the strategy's frozen
 predictors on x~ + backward + AdamW, exactly ``CounterfactualFineTuning`` as the pipeline runs it,
 with the run config's default predictor sizes (U-Net segmentor, timm ResNet regressor) and the
-HVAE preset named. ``none`` times the same step without guidance terms: what the guidance adds
-is the difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is). ``pretrain``
-times a pretraining step of the same HVAE (nelbo forward + backward + AdamW, as the pretrain stage
-runs it): each strategy's step is also reported as a multiple of it. Steps of all rows are
+image mechanism and preset named (the HVAE, or flow matching at its shipped solver settings, whose
+abduction runs without gradients and whose prediction is differentiated through checkpointed
+solver steps). ``none`` times the same step without guidance terms: what the guidance adds is the
+difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is). ``pretrain`` times
+a pretraining step of the same mechanism (its loss forward + backward + AdamW, as the pretrain
+stage runs it): each strategy's step is also reported as a multiple of it. Steps of all rows are
 interleaved and the median step time is reported.
 
 Usage:
   python benchmarks/finetune_speed.py                     # -> benchmarks/results/finetune_speed.{json,md}
-  python benchmarks/finetune_speed.py --height 64 --width 384 --steps 3 --mode bf16
+  python benchmarks/finetune_speed.py --height 64 --steps 3 --mode bf16
+  python benchmarks/finetune_speed.py --mechanism flow-matching --mode bf16   # -> finetune_speed_flow_matching.*
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def builder(args: argparse.Namespace) -> Builder:
     registry = load_registry()
     overrides = [
         f"data.spacing_mm={16.0 / args.height}",
-        f"image_mechanism.preset={args.preset}",
+        f"image_mechanism={{name: {args.mechanism}, preset: {args.preset}}}",
         "finetune.strategies={" + ", ".join(f"{k}: {v}" for k, v in STRATEGIES.items()) + "}",
     ]
     return Builder(load_config("cpu", overrides, registry), registry)
@@ -95,9 +98,9 @@ def build_step(label: str, build: Builder, data: dict, source, transform: Variab
 
 
 def build_pretrain_step(build: Builder, data: dict, source, transform: VariableTransform, args: argparse.Namespace):
-    """A pretraining step of the same HVAE on the same batch: factual nelbo, backward, AdamW."""
+    """A pretraining step of the same image mechanism on the same batch: its loss, backward, AdamW."""
     torch.manual_seed(0)
-    hvae = build.image_mechanism(source.schema, source.image_shape)
+    hvae = build.image_mechanism(source.schema, source.image_shape)  # whichever mechanism is configured
     hvae.train()
     if args.mode == "bf16":
         hvae.to(memory_format=torch.channels_last)
@@ -140,7 +143,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         median = statistics.median(seconds)
         rows.append({
             "strategy": label, "steps_per_s": 1.0 / median, "images_per_s": args.batch_size / median,
-            "s_per_step": median, "s_per_step_all": seconds, "hvae_params_M": steps[label][1],
+            "s_per_step": median, "s_per_step_all": seconds, "image_params_M": steps[label][1],
             "x_pretrain_step": median / pretrain,
         })  # fmt: skip
         print(f"{label:22s} {1.0 / median:6.3f} steps/s  {args.batch_size / median:6.1f} img/s  "
@@ -151,21 +154,23 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     setup = {
-        "input": f"{args.height}x{6 * args.height}", "batch_size": args.batch_size, "hvae_preset": args.preset,
+        "input": f"{args.height}x{6 * args.height}", "batch_size": args.batch_size, "mechanism": args.mechanism,
+        "preset": args.preset,
         "mode": args.mode, "threads": args.threads, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "torch": torch.__version__, "machine": cpu_model(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_1min_at_end": os.getloadavg()[0],  # other work on the cores slows every row
     }  # fmt: skip
-    (RESULTS / "finetune_speed.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
+    stem = "finetune_speed" + ("" if args.mechanism == "hvae" else f"_{args.mechanism.replace('-', '_')}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
     base = next(r["s_per_step"] for r in rows if r["strategy"] == "none")
     lines = [
         "# Counterfactual fine-tuning throughput",
         "",
-        f"`python benchmarks/finetune_speed.py` ({setup['input']}, batch {args.batch_size}, HVAE preset "
-        f"{args.preset}, {args.mode}, {args.threads} threads, {setup['date']}, 1-min load average "
+        f"`python benchmarks/finetune_speed.py --mechanism {args.mechanism} --preset {args.preset} --mode {args.mode}` "
+        f"({setup['input']}, batch {args.batch_size}, {args.threads} threads, {setup['date']}, 1-min load average "
         f"{setup['load_average_1min_at_end']:.1f} at the end, {setup['machine']}). `pretrain` is a pretraining step "
-        "of the same HVAE; `none` is the CFT step without guidance terms; No-CFT itself trains nothing.",
+        "of the same image mechanism; `none` is the CFT step without guidance terms; No-CFT itself trains nothing.",
         "",
         "| step | steps/s | images/s | median s/step | x pretraining step | guidance overhead |",
         "|---|---|---|---|---|---|",
@@ -174,13 +179,14 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
           + ("" if r["strategy"] == "pretrain" else f"{(r['s_per_step'] / base - 1) * 100:+.0f}%") + " |"
           for r in rows),
     ]  # fmt: skip
-    (RESULTS / "finetune_speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--height", type=int, default=32, choices=(16, 32, 64), help="phantom image height (x6 wide)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mechanism", choices=("hvae", "flow-matching"), default="hvae")
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--mode", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=2)

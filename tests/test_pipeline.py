@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from causalimg.config.loader import load_config
+from causalimg.config.loader import dump_config, load_config
 from causalimg.errors import DataError
 from causalimg.io import load_tensors, save_tensors
 from causalimg.pipeline.graph import pipeline_stages, run_pipeline
@@ -148,8 +148,8 @@ def test_every_declared_field_is_in_its_stage_hash(tmp_path, registry):
     config = tiny(tmp_path, registry)
     declared = {
         "data": data.READS, "flows": flows.READS, "predictors/guidance-segmentor": predictors.SEGMENTOR_READS,
-        "predictors/regressor": predictors.REGRESSOR_READS, "pretrain": pretrain.READS,
-        "finetune/regressor": finetune.reads("regressor"), "evaluate/regressor": evaluate.reads("regressor"),
+        "predictors/regressor": predictors.REGRESSOR_READS, "pretrain": pretrain.reads(),
+        "finetune/regressor": finetune.reads("regressor"), "evaluate/regressor": evaluate.reads(),
     }  # fmt: skip
     base = hashes(config, registry)
     raw = config.model_dump(mode="json")
@@ -192,3 +192,85 @@ def test_partly_given_sections_keep_their_own_defaults(tmp_path, registry):
     config = tiny(tmp_path, registry, "flows_train={steps: 5}", "finetune.train={steps: 5}")
     assert config.flows_train.ema_decay == 0.99 and config.flows_train.batch_size == 256
     assert config.finetune.train.lr == 1e-4
+
+
+FLOW = "{name: flow-matching, widths: [8, 16], blocks: [1, 1], embed_dim: 16, steps: 2}"
+
+
+def test_a_compared_mechanism_leaves_the_shared_stages_and_the_main_mechanism_alone(tmp_path, registry):
+    """Adding a mechanism labels the per-mechanism stages; shared stages keep their names and hashes,
+    and changing one mechanism redoes only its own pretrain, finetune and evaluate stages."""
+    single = hashes(tiny(tmp_path, registry), registry)
+    both = hashes(tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}"), registry)
+    shared = [
+        "data",
+        "flows",
+        "predictors/guidance-segmentor",
+        "predictors/evaluation-segmentor",
+        "predictors/regressor",
+    ]
+    assert all(both[name] == single[name] for name in shared)
+    steps = hashes(
+        tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}", "compare_mechanisms.fm.steps=3"), registry
+    )
+    assert {name for name in both if steps[name] != both[name]} == {
+        "pretrain/fm", "report", *(f"{stage}/fm/{label}" for stage in ("finetune", "evaluate")
+                                   for label in ("none", "regressor", "positional-segmentor")),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (f"compare_mechanisms={{hvae: {FLOW}}}", "is image_mechanism's own"),
+        (f"compare_mechanisms={{Flow: {FLOW}}}", "must be lower case"),
+        ("compare_mechanisms={fm: {name: diffusion}}", "diffusion"),
+        ("compare_mechanisms={fm: {name: flow-matching, solver: leapfrog}}", "compare_mechanisms.fm.solver"),
+    ],
+)
+def test_bad_compared_mechanisms_are_config_errors(tmp_path, registry, override, message):
+    from causalimg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny(tmp_path, registry, override)
+
+
+@pytest.mark.slow
+def test_two_image_mechanisms_in_one_run_share_data_and_predictors_and_one_report(tmp_path, registry):
+    from causalimg import CounterfactualModel
+
+    config = tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}")
+    results = run_pipeline(config, registry)
+    strategies = list(config.finetune.strategies)
+    models = [f"{m}/{s}" for m in ("hvae", "fm") for s in strategies]
+    assert [name for name in results if name.startswith("evaluate/")] == [f"evaluate/{m}" for m in models]
+    assert sum(name.startswith("pretrain") for name in results) == 2 and "data" in results
+    run = tmp_path / "run"
+    (run / "config.yaml").write_text(dump_config(config))  # what `python -m causalimg.run` leaves for the API
+    report = json.loads((run / "report" / "results.json").read_text())
+    assert set(report["strategies"]) == set(models)
+    pairs = {(d["earlier"], d["later"]) for d in report["paired"]}
+    within = {
+        (f"{m}/{a}", f"{m}/{b}") for m in ("hvae", "fm") for i, a in enumerate(strategies) for b in strategies[i + 1 :]
+    }
+    across = {(f"hvae/{s}", f"fm/{s}") for s in strategies}
+    assert pairs == within | across  # never one mechanism's strategy against another's
+    table = (run / "report" / "table1.md").read_text()
+    assert all(f"| {m} |" in table for m in models)
+    assert sum("on the intervened region for" in line for line in report["findings"]) == 4  # 2 mechanisms x 2 measures
+    # the API loads either mechanism's model by its label; the flow-matching one is not the HVAE
+    flow = CounterfactualModel.from_pretrained(run, "fm/positional-segmentor")
+    hvae = CounterfactualModel.from_pretrained(run, "hvae/positional-segmentor")
+    assert type(flow.dscm.image).__name__ == "FlowMatching" and type(hvae.dscm.image).__name__ == "HVAE"
+    images = load_tensors(run / "evaluate" / "fm" / "none" / "figure.safetensors")["factual"][None]  # (1, 1, H, W)
+    out = flow.counterfactual(images, do={"cpa_mid": "+1"}, clamp=True)
+    assert out.images.shape == images.shape
+    # the main mechanism trains exactly as it does alone: the comparison costs it nothing
+    alone = tmp_path / "alone"
+    run_pipeline(
+        tiny(tmp_path, registry, f"run.dir={alone}", "finetune.strategies={regressor: [{name: regressor}]}"), registry
+    )
+    for stage, labelled in (("pretrain", "pretrain/hvae"), ("finetune/regressor", "finetune/hvae/regressor")):
+        expected = load_tensors(alone / stage / "weights.safetensors")
+        found = load_tensors(run / labelled / "weights.safetensors")
+        assert all(torch.equal(expected[k], found[k]) for k in expected), stage

@@ -66,11 +66,18 @@ class Builder:
     """Components of one run config and registry.
 
     ``config`` may be a stage's view of the run config: then everything built here reads only
-    the fields that stage declared, and an undeclared read fails loudly.
+    the fields that stage declared, and an undeclared read fails loudly. ``mechanism`` is the
+    config path of the image mechanism to build (``compare_mechanisms.<label>`` for a compared one).
     """
 
-    def __init__(self, config: RunConfig, registry: Registry):
-        self.config, self.registry = config, registry
+    def __init__(self, config: RunConfig, registry: Registry, mechanism: str = "image_mechanism"):
+        self.config, self.registry, self.mechanism = config, registry, mechanism
+
+    @property
+    def mechanism_config(self) -> Any:
+        section, *label = self.mechanism.split(".")  # "image_mechanism" or "compare_mechanisms.<label>"
+        node = getattr(self.config, section)
+        return node[label[0]] if label else node
 
     def _make(self, kind: str, config: Any, **kwargs: Any) -> Any:
         """A registered component from its config; a plugin whose factory fails is named, not a traceback."""
@@ -98,7 +105,7 @@ class Builder:
     def image_mechanism(self, schema: VariableSchema, image_shape: tuple[int, int]) -> nn.Module:
         return self._make(
             "image_mechanism",
-            self.config.image_mechanism,
+            self.mechanism_config,
             image_shape=tuple(image_shape),
             num_parents=len(schema.names),
         )

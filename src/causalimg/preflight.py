@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from causalimg.config.run import RunConfig
+from causalimg.config.run import RunConfig, mechanism_paths
 from causalimg.core.data import SPLITS, TrueCounterfactuals, split_size
 from causalimg.core.mechanism import HasEncoder
 from causalimg.errors import CausalImgError, ConfigError
@@ -62,21 +62,17 @@ def preflight(config: RunConfig, registry: Registry) -> list[str]:
             f"predictors.segmentor.widths halve the image {len(config.predictors.segmentor.widths) - 1} times, "
             f"so its sides must divide by {factor}; the data's images are {height} x {width}"
         )
-    try:
-        mechanism = build.image_mechanism(schema, source.image_shape)
-    except CausalImgError as err:
-        problems.append(f"image_mechanism: {err}")
-        mechanism = None
-    if (
-        mechanism is not None
-        and guided
-        and config.finetune.trainable == "decoder"
-        and not isinstance(mechanism, HasEncoder)
-    ):
-        problems.append(
-            f"finetune.trainable = 'decoder' needs an image mechanism with an `encoder`; "
-            f"{config.image_mechanism.name!r} has none: use 'all'"
-        )
+    for path in mechanism_paths(config).values():
+        try:
+            mechanism = Builder(config, registry, path).image_mechanism(schema, source.image_shape)
+        except CausalImgError as err:
+            problems.append(f"{path}: {err}")
+            continue
+        if guided and config.finetune.trainable == "decoder" and not isinstance(mechanism, HasEncoder):
+            problems.append(
+                f"finetune.trainable = 'decoder' needs an image mechanism with an `encoder`; "
+                f"{path} ({Builder(config, registry, path).mechanism_config.name!r}) has none: use 'all'"
+            )
     figure = config.report.figure.structure
     if figure is not None and figure not in [s.name for s in schema.structures]:
         names = ", ".join(s.name for s in schema.structures)

@@ -28,6 +28,7 @@ import yaml
 
 from causalimg.cli import add_config_arguments, report_errors
 from causalimg.config.loader import dump_config, load_config
+from causalimg.config.run import strategy_labels
 from causalimg.errors import ConfigError
 from causalimg.io import atomic_write_text
 from causalimg.pipeline.lock import hold_run_folder
@@ -65,7 +66,7 @@ def plan(config: Any, stages: Sequence[str]) -> list[str]:
     lines = []
     for stage in stages:
         if stage == "finetune":
-            lines += [f"finetune[{label}]" for label in config.finetune.strategies]
+            lines += [f"finetune[{label}]" for label in strategy_labels(config)]
         else:
             lines.append(stage)
     return lines

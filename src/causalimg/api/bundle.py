@@ -83,7 +83,8 @@ def locate(path: str | Path, strategy: str | None = None, *, check_versions: boo
 
 
 def _run(root: Path, strategy: str | None) -> ModelFiles:
-    finished = sorted(p.parent.name for p in (root / "finetune").glob(f"*/{DONE}"))
+    tuned = root / "finetune"  # finetune/<strategy>, or finetune/<mechanism>/<strategy> with several mechanisms
+    finished = sorted(p.parent.relative_to(tuned).as_posix() for p in tuned.glob(f"**/{DONE}"))
     if strategy is None:
         if DEFAULT_STRATEGY in finished or len(finished) != 1:
             strategy = DEFAULT_STRATEGY

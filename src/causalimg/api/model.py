@@ -30,7 +30,7 @@ from causalimg.api.images import InputConvention, input_convention
 from causalimg.api.interventions import Intervention, OutOfSupport, describe, parse_intervention, resolve
 from causalimg.builder import Builder, load_schema, load_transform
 from causalimg.config.loader import load_config
-from causalimg.config.run import RunConfig
+from causalimg.config.run import RunConfig, mechanism_of
 from causalimg.core.data import DataSource
 from causalimg.core.regions import Partitioner, batch_region_masks
 from causalimg.core.schema import VariableSchema
@@ -207,7 +207,7 @@ class CounterfactualModel:
         files = locate(path, strategy, check_versions=check_versions)
         config = load_config(files["config"])
         registry = load_registry(config.plugins.dirs)
-        build = Builder(config, registry)
+        build = Builder(config, registry, mechanism_of(config, files.strategy))
         schema = load_schema(files["schema"].parent)
         transform = load_transform(files["transform"].parent)
         dscm = build.trained_dscm(schema, files.image_shape, transform, files["dscm"])

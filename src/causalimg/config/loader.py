@@ -334,6 +334,7 @@ def _selects_component(parts: Sequence[str]) -> bool:
     term of a fine-tuning strategy or one metric."""
     return (
         (len(parts) == 1 and parts[0] in PLUGIN_SECTIONS)
+        or (len(parts) == 2 and parts[0] == "compare_mechanisms")
         or (len(parts) == 4 and tuple(parts[:2]) == ("finetune", "strategies"))
         or (len(parts) == 3 and tuple(parts[:2]) == ("evaluate", "metrics"))
     )

@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -117,6 +118,9 @@ class RunConfig(StrictModel):
     regions: PluginConfig
     flows: PluginConfig
     image_mechanism: PluginConfig
+    # further image mechanisms by label, each pretrained, fine-tuned with every strategy and evaluated
+    # beside ``image_mechanism`` on the same data, flows and predictors (see ``mechanism_paths``)
+    compare_mechanisms: dict[str, PluginConfig] = {}
     flows_train: FlowsTrainConfig = FlowsTrainConfig()
     pretrain: TrainConfig = TrainConfig()
     predictors: PredictorsSection = PredictorsSection()
@@ -124,6 +128,57 @@ class RunConfig(StrictModel):
     evaluate: EvaluateSection = EvaluateSection()
     report: ReportSection = ReportSection()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("compare_mechanisms")
+    @classmethod
+    def _mechanism_labels(cls, mechanisms: dict[str, Any]) -> dict[str, Any]:
+        for label in mechanisms:
+            if not _LABEL.match(label):
+                raise ValueError(
+                    f"mechanism label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
+                )
+        return mechanisms
+
+    @model_validator(mode="after")
+    def _main_mechanism_label(self) -> RunConfig:
+        if self.image_mechanism.name in self.compare_mechanisms:
+            raise ValueError(
+                f"compare_mechanisms: the label {self.image_mechanism.name!r} is image_mechanism's own "
+                "(its stages are labelled by its name); choose another label"
+            )
+        return self
+
+
+def mechanism_paths(config: Any) -> dict[str | None, str]:
+    """Each image mechanism of a run: its stage label -> its config path.
+
+    A run with one mechanism has the label None and the plain stage names (``pretrain``,
+    ``finetune/<strategy>``); with ``compare_mechanisms`` every mechanism is labelled, the main
+    one by its plugin name: ``pretrain/<mechanism>``, ``finetune/<mechanism>/<strategy>``.
+    """
+    extra = config.compare_mechanisms
+    if not extra:
+        return {None: "image_mechanism"}
+    return {config.image_mechanism.name: "image_mechanism", **{label: f"compare_mechanisms.{label}" for label in extra}}
+
+
+def mechanism_of(config: Any, label: str) -> str:
+    """The config path of the image mechanism behind a model label from ``strategy_labels``."""
+    paths = mechanism_paths(config)
+    mechanism = label.split("/", 1)[0] if "/" in label else None
+    if mechanism not in paths:
+        raise ConfigError(f"{label!r} is not a model of this run; its models: {', '.join(strategy_labels(config))}")
+    return paths[mechanism]
+
+
+def strategy_labels(config: Any) -> list[str]:
+    """The run's evaluated models as the report and the API name them: ``<strategy>`` with one image
+    mechanism, ``<mechanism>/<strategy>`` with several (mechanism-major order)."""
+    return [
+        strategy if mechanism is None else f"{mechanism}/{strategy}"
+        for mechanism in mechanism_paths(config)
+        for strategy in config.finetune.strategies
+    ]
 
 
 def _plugin_name_check(registry: Registry, kind: str):
@@ -247,6 +302,7 @@ def build_run_config_model(registry: Registry) -> type[RunConfig]:
         __doc__=RunConfig.__doc__,
         finetune=(finetune, finetune()),
         evaluate=(evaluate, Field(default_factory=evaluate)),
+        compare_mechanisms=(dict[str, plugin_union(registry, "image_mechanism")], {}),  # type: ignore[misc]
         **sections,
     )
 

@@ -8,6 +8,10 @@ Stage graph (one finetune and one evaluate stage per strategy label)::
         ├─ predictors/evaluation-segmentor ──┼───────────────────────────────────────┤
         └─ pretrain ─────────────────────────┘
 
+With ``compare_mechanisms`` the pretrain, finetune and evaluate stages repeat per image mechanism,
+labelled by it (``pretrain/<mechanism>``, ``finetune/<mechanism>/<label>``); data, flows and
+predictors are shared.
+
 Each stage module declares what it reads of the config; ``declare`` turns that declaration into
 the stage's hash (``pipeline.reads.select``) and into the guarded view its body gets, and seeds
 every random generator from (run.seed, stage name) before the body, so what a stage builds does
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from causalimg.builder import Builder
-from causalimg.config.run import RunConfig
+from causalimg.config.run import RunConfig, mechanism_paths
 from causalimg.config.sections import TrainConfig
 from causalimg.pipeline import reads as config_reads
 from causalimg.pipeline.stage import ProcessGroup, Stage, StageContext, run_stages
@@ -48,9 +52,18 @@ class Graph:
         self.stages: list[Stage] = []
 
     def declare(
-        self, name: str, body: Body, reads: Sequence[str], upstream: Sequence[str] = (), extra: Any = None
+        self,
+        name: str,
+        body: Body,
+        reads: Sequence[str],
+        upstream: Sequence[str] = (),
+        extra: Any = None,
+        mechanism: str = "image_mechanism",
+        seed_name: str | None = None,
     ) -> None:
-        """Add a stage whose hash covers exactly ``reads`` (+ ``extra``, e.g. the files it writes)."""
+        """Add a stage whose hash covers exactly ``reads`` (+ ``extra``, e.g. the files it writes);
+        its builder builds the image mechanism at config path ``mechanism``; its generators are
+        seeded from ``seed_name`` (default: its name), so every mechanism sees the same batches."""
         declared = tuple(dict.fromkeys([*reads, SEED_READ]))
         payload = {"reads": config_reads.select(self.config, declared), "extra": extra}
         config, registry, tracking = self.config, self.registry, self.config.tracking
@@ -58,8 +71,8 @@ class Graph:
 
         def run(ctx: StageContext) -> dict[str, Any]:
             view = config_reads.view(config, declared, name)
-            seed_everything(stage_seed(config.run.seed, name))
-            return body(Step(ctx, view, Builder(view, registry), tracking, names()))
+            seed_everything(stage_seed(config.run.seed, seed_name or name))
+            return body(Step(ctx, view, Builder(view, registry, mechanism), tracking, names()))
 
         self.stages.append(Stage(name, run, payload, tuple(upstream)))
 
@@ -72,13 +85,18 @@ def pipeline_stages(config: RunConfig, registry: Registry, group: ProcessGroup) 
     for which in predictors.SEGMENTORS:
         graph.declare(f"predictors/{which}", predictors.run_segmentor, predictors.SEGMENTOR_READS, ("data",))
     graph.declare("predictors/regressor", predictors.run_regressor, predictors.REGRESSOR_READS, ("data",))
-    graph.declare("pretrain", pretrain.run, pretrain.READS, ("data",))
     evaluations = []
-    for label in config.finetune.strategies:
-        graph.declare(f"finetune/{label}", finetune.run, finetune.reads(label), finetune.UPSTREAM)
-        graph.declare(f"evaluate/{label}", evaluate.run, evaluate.reads(label), evaluate.upstream(label),
-                      extra={"outputs": evaluate.OUTPUTS})  # fmt: skip
-        evaluations.append(f"evaluate/{label}")
+    for mechanism, path in mechanism_paths(config).items():
+        under = "" if mechanism is None else f"/{mechanism}"
+        graph.declare(f"pretrain{under}", pretrain.run, pretrain.reads(path), ("data",), mechanism=path,
+                      seed_name="pretrain")  # fmt: skip
+        for label in config.finetune.strategies:
+            tuned = f"finetune{under}/{label}"
+            graph.declare(tuned, finetune.run, finetune.reads(label, path), finetune.upstream(f"pretrain{under}"),
+                          mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
+            graph.declare(f"evaluate{under}/{label}", evaluate.run, evaluate.reads(path), evaluate.upstream(tuned),
+                          extra={"outputs": evaluate.OUTPUTS}, mechanism=path, seed_name=f"evaluate/{label}")  # fmt: skip
+            evaluations.append(f"evaluate{under}/{label}")
     graph.declare("report", report.run, report.READS, ("data", *evaluations))
     return graph.stages
 

@@ -33,16 +33,20 @@ def aligned(index_a: torch.Tensor, index_b: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def paired_differences(
-    rows: Mapping[str, Mapping[str, torch.Tensor]], schema: VariableSchema, measured_by: Mapping[str, str]
+    rows: Mapping[str, Mapping[str, torch.Tensor]],
+    schema: VariableSchema,
+    measured_by: Mapping[str, str],
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict]:
     """For every pair of strategies (later minus earlier, in the given order), per measurement source:
     the mean per-image difference of the intervened and off-target errors with its 95 % interval.
 
     rows: label -> the flat contents of its ``rows.safetensors`` (``index`` plus ``metric/column``);
-    measured_by: rows key of per-image (N, V_do, V) errors -> how tables name what measured them.
+    measured_by: rows key of per-image (N, V_do, V) errors -> how tables name what measured them;
+    pairs: the (earlier, later) labels to compare, every pair in ``rows`` order when None.
     """
     out = []
-    for earlier, later in combinations(rows, 2):
+    for earlier, later in combinations(rows, 2) if pairs is None else pairs:
         a, b = aligned(rows[later]["index"], rows[earlier]["index"])
         for key, source in measured_by.items():
             if key not in rows[later] or key not in rows[earlier]:

@@ -55,6 +55,18 @@ class Step:
         return self.ctx.name.split("/", 1)[1]
 
     @property
+    def strategy(self) -> str:
+        """``finetune/pos`` or ``finetune/<mechanism>/pos`` -> ``pos``: a per-strategy stage's strategy."""
+        return self.ctx.name.rsplit("/", 1)[1]
+
+    def input_of(self, group: str) -> Path:
+        """The folder of this stage's one upstream stage in ``group`` (``pretrain`` or ``pretrain/<mechanism>``)."""
+        found = [path for name, path in self.ctx.inputs.items() if name.split("/", 1)[0] == group]
+        if len(found) != 1:
+            raise RuntimeError(f"stage {self.ctx.name!r} has {len(found)} upstream {group!r} stages, not one")
+        return found[0]
+
+    @property
     def data_dir(self) -> Path:
         return self.ctx.inputs.get(DATA, self.ctx.dir)
 

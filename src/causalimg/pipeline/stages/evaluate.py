@@ -41,13 +41,14 @@ OUTPUTS = (METRICS_FILE, FIGURE_FILE, ROWS_FILE)  # in the stage's hash: a versi
 FIGURE_CANDIDATES = 32  # Figure 1 shows the one of the first images with the most room for the change
 
 
-def reads(label: str) -> tuple[str, ...]:
-    return ("data", "regions", "flows", "image_mechanism", "predictors.segmentor", "finetune.temperature",
+def reads(mechanism: str = "image_mechanism") -> tuple[str, ...]:
+    return ("data", "regions", "flows", mechanism, "predictors.segmentor", "finetune.temperature",
             "evaluate", "report.figure")  # fmt: skip
 
 
-def upstream(label: str) -> tuple[str, ...]:
-    return ("data", "predictors/evaluation-segmentor", f"finetune/{label}")
+def upstream(finetuned: str) -> tuple[str, ...]:
+    """``finetuned``: the finetune stage whose DSCM this one evaluates."""
+    return ("data", "predictors/evaluation-segmentor", finetuned)
 
 
 def true_counterfactual(source: Any, split: Split) -> TrueCounterfactual | None:
@@ -152,7 +153,7 @@ def run(step: Step) -> dict[str, Any]:
     accelerator = make_accelerator(TrainConfig(), step.dir)
     device = accelerator.device
     dscm = step.build.dscm(schema, source.image_shape, step.transform)
-    load_module(dscm, step.ctx.inputs[f"finetune/{step.label}"] / WEIGHTS_FILE)
+    load_module(dscm, step.input_of("finetune") / WEIGHTS_FILE)
     dscm.to(device).eval()
     evaluation_segmentor = step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/evaluation-segmentor"])
     evaluation_segmentor.to(device)

@@ -17,13 +17,18 @@ from causalimg.io import load_module, save_tensors
 from causalimg.pipeline.stages.base import SEED, Step
 from causalimg.training.finetune import measure_nelbo
 
-UPSTREAM = ("data", "flows", "predictors/guidance-segmentor", "predictors/regressor", "pretrain")
+PRETRAIN = "pretrain"
 EPS_BATCHES = 8  # training batches the pretrained nelbo (the constraint's level) is measured on
 
 
-def reads(label: str) -> tuple[str, ...]:
+def upstream(pretrained: str = PRETRAIN) -> tuple[str, ...]:
+    """``pretrained``: the stage whose image mechanism this one fine-tunes."""
+    return ("data", "flows", "predictors/guidance-segmentor", "predictors/regressor", pretrained)
+
+
+def reads(label: str, mechanism: str = "image_mechanism") -> tuple[str, ...]:
     shared = ("finetune.train", "finetune.temperature", "finetune.trainable", "finetune.interventions_per_step")
-    return ("data", "regions", "flows", "image_mechanism", "predictors", *shared, "finetune.constraint",
+    return ("data", "regions", "flows", mechanism, "predictors", *shared, "finetune.constraint",
             f"finetune.strategies.{label}")  # fmt: skip
 
 
@@ -31,8 +36,8 @@ def run(step: Step) -> dict[str, Any]:
     source, schema = step.source, step.schema
     dscm = step.build.dscm(schema, source.image_shape, step.transform)
     load_module(dscm.attributes, step.ctx.inputs["flows"] / WEIGHTS_FILE)
-    load_module(dscm.image, step.ctx.inputs["pretrain"] / WEIGHTS_FILE)
-    terms = step.config.finetune.strategies[step.label]
+    load_module(dscm.image, step.input_of(PRETRAIN) / WEIGHTS_FILE)
+    terms = step.config.finetune.strategies[step.strategy]
     if not terms:  # No-CFT, the paper's baseline: the pretrained DSCM as it is
         if step.is_main:
             save_tensors(step.dir / WEIGHTS_FILE, dscm.state_dict())
@@ -42,7 +47,7 @@ def run(step: Step) -> dict[str, Any]:
         segmentor=step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/guidance-segmentor"]),
         regressor=step.build.frozen_regressor(schema, step.ctx.inputs["predictors/regressor"]),
     )
-    strategies = step.build.guidance(step.label, predictors)
+    strategies = step.build.guidance(step.strategy, predictors)
     train = step.config.finetune.train
     train_split = source.split("train")
     eps = measure_nelbo(dscm, DataLoader(train_split, batch_size=train.batch_size), max_batches=EPS_BATCHES)

@@ -7,7 +7,10 @@ from typing import Any
 from causalimg.pipeline.pretrain_check import check_pretrained
 from causalimg.pipeline.stages.base import SEED, Step
 
-READS = ("data", "regions", "flows", "image_mechanism", "pretrain")
+
+def reads(mechanism: str = "image_mechanism") -> tuple[str, ...]:
+    """``mechanism``: the config path of the image mechanism this stage pretrains."""
+    return ("data", "regions", "flows", mechanism, "pretrain")
 
 
 def run(step: Step) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from causalimg.config.loader import dump_config
+from causalimg.config.run import mechanism_paths, strategy_labels
 from causalimg.core.schema import VariableSchema
 from causalimg.errors import DataError
 from causalimg.io import atomic_write_json, atomic_write_text, load_tensors, read_json
@@ -44,7 +46,7 @@ def findings(
     results: Mapping[str, Mapping[str, Any]],
     entries: Mapping[str, Mapping[str, ReportEntry]],
     schema: VariableSchema,
-    ordering: Sequence[str],
+    orderings: Sequence[Sequence[str]],
 ) -> list[str]:
     """Plain sentences a reader checks first: who is best, and whether the expected ordering holds."""
     lines = []
@@ -61,13 +63,32 @@ def findings(
             f"By the {what}: lowest intervened-region error {scored[best]['intervened']:.2f} {unit} ({best}); "
             f"lowest off-target error {scored[leak]['off_target']:.2f} {unit} ({leak})."
         )
-        count = ordering_count(scored, variables, ordering) if len(ordering) > 1 else None
-        if count is not None:
-            lines.append(
-                f"By the {what}: {' < '.join(ordering)} on the intervened region for {count} of "
-                f"{len(variables)} interventions."
-            )
+        for ordering in orderings:
+            count = ordering_count(scored, variables, ordering) if len(ordering) > 1 else None
+            if count is not None:
+                lines.append(
+                    f"By the {what}: {' < '.join(ordering)} on the intervened region for {count} of "
+                    f"{len(variables)} interventions."
+                )
     return lines
+
+
+def orderings(config: Any) -> list[list[str]]:
+    """``report.ordering`` within each image mechanism, as the run labels its models."""
+    return [
+        [strategy if mechanism is None else f"{mechanism}/{strategy}" for strategy in config.report.ordering]
+        for mechanism in mechanism_paths(config)
+    ]
+
+
+def comparisons(config: Any) -> list[tuple[str, str]]:
+    """The (earlier, later) pairs the paired table shows: every two strategies of one image mechanism,
+    and each strategy across mechanisms (not one mechanism's strategy against another's)."""
+    mechanisms, strategies = list(mechanism_paths(config)), list(config.finetune.strategies)
+    label = lambda m, s: s if m is None else f"{m}/{s}"  # noqa: E731
+    within = [(label(m, a), label(m, b)) for m in mechanisms for a, b in combinations(strategies, 2)]
+    across = [(label(a, s), label(b, s)) for s in strategies for a, b in combinations(mechanisms, 2)]
+    return within + across
 
 
 def predictor_tables(run_dir: Path, unit: str) -> list[Table]:
@@ -107,7 +128,7 @@ def run(step: Step) -> dict[str, Any]:
     """Write every report file (main process) and return the headline numbers per strategy."""
     config, schema, out = step.config, step.schema, step.dir
     run_dir = out.parent
-    labels = list(config.finetune.strategies)
+    labels = strategy_labels(config)
     evaluated = {label: _evaluation(run_dir / "evaluate" / label / METRICS_FILE) for label in labels}
     results = {label: e["metrics"] for label, e in evaluated.items()}
     info, metrics, report = EvalInfo(schema), step.build.metrics(), config.report
@@ -131,14 +152,16 @@ def run(step: Step) -> dict[str, Any]:
         if entry.paired_rows
     }
     rows = {label: load_tensors(run_dir / "evaluate" / label / ROWS_FILE) for label in labels}
-    differences = paired_differences(rows, schema, measured_by)  # type: ignore[arg-type]
+    differences = paired_differences(rows, schema, measured_by, comparisons(config))  # type: ignore[arg-type]
     if differences:
         tables.append(("paired", paired_table(differences, schema)))
     headline = {
         label: {m: {k: r[m][k] for k in ("intervened", "off_target")} for m in r if "intervened" in r[m]}
         for label, r in results.items()
     }
-    lines = findings(results, entries, schema, report.ordering) + ordering_findings(differences, report.ordering, unit)
+    ordered = orderings(config)
+    lines = findings(results, entries, schema, ordered)
+    lines += [line for ordering in ordered for line in ordering_findings(differences, ordering, unit)]
     if step.is_main:
         for name, table in tables:
             atomic_write_text(out / f"{name}.md", f"## {table.title}\n\n{table.markdown()}")
