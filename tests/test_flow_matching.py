@@ -310,3 +310,23 @@ def test_plugin_record_registry_and_run_config() -> None:
     assert isinstance(config.image_mechanism, FlowMatchingConfig) and config.image_mechanism.solver == "heun"
     with pytest.raises(ConfigError, match="image_mechanism"):
         validate_config({**raw, "image_mechanism": {"name": "flow-matching", "dropout": 0.1}}, registry)
+
+
+def test_guided_prediction_follows_the_guide_and_is_plain_prediction_without_one() -> None:
+    """predict_guided with a flat loss is predict; a loss on the mean intensity moves every image its way,
+    more with a larger scale; nothing it returns carries a gradient."""
+    from causalimg.core.mechanism import GuidedPrediction
+
+    model = perturbed(tiny(steps=4))
+    assert isinstance(model, GuidedPrediction)
+    x, pa = batch()
+    state = model.abduct(x, pa)
+    with torch.no_grad():
+        plain = model.predict(state, pa)
+    flat = model.predict_guided(state, pa, lambda image: image.sum() * 0.0, scale=10.0)
+    assert torch.allclose(flat, plain, atol=1e-6)
+    brighter = {s: model.predict_guided(state, pa, lambda image: -image.mean(dim=(1, 2, 3)).sum(), scale=s)
+                for s in (1.0, 4.0)}  # fmt: skip
+    gain = {s: (image - plain).mean(dim=(1, 2, 3)) for s, image in brighter.items()}  # (B,) per image
+    assert (gain[1.0] > 0).all() and (gain[4.0] > gain[1.0]).all()
+    assert not brighter[1.0].requires_grad and brighter[1.0].abs().max() <= 1

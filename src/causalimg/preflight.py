@@ -17,7 +17,7 @@ from pathlib import Path
 
 from causalimg.config.run import RunConfig, mechanism_paths
 from causalimg.core.data import SPLITS, TrueCounterfactuals, split_size
-from causalimg.core.mechanism import HasEncoder
+from causalimg.core.mechanism import GuidedPrediction, HasEncoder
 from causalimg.errors import CausalImgError, ConfigError
 from causalimg.plugins.manager import Registry
 
@@ -68,6 +68,13 @@ def preflight(config: RunConfig, registry: Registry) -> list[str]:
         except CausalImgError as err:
             problems.append(f"{path}: {err}")
             continue
+        at_sampling = list(config.finetune.sampling_time)
+        if at_sampling and not isinstance(mechanism, GuidedPrediction):
+            problems.append(
+                f"finetune.sampling_time ({', '.join(at_sampling)}) needs image mechanisms that can be guided while "
+                f"they predict (`predict_guided`); {path} ({Builder(config, registry, path).mechanism_config.name!r}) "
+                "cannot: fine-tune with those terms instead, or compare flow-matching alone"
+            )
         if guided and config.finetune.trainable == "decoder" and not isinstance(mechanism, HasEncoder):
             problems.append(
                 f"finetune.trainable = 'decoder' needs an image mechanism with an `encoder`; "

@@ -8,6 +8,7 @@ wrote them, so it loads without the pipeline, the other strategies or the traini
 
     model.json  config.yaml  schema.json  transform.json
     dscm.safetensors  evaluation-segmentor.safetensors  guidance-segmentor.safetensors
+    (regressor.safetensors: a sampling-time strategy's, whose guidance predictors act at prediction)
 
 ``model.json`` is written last: a folder without it is not a (complete) exported model.
 """
@@ -41,7 +42,9 @@ EXPORTED = {  # role -> file name in an exported folder
     "dscm": "dscm.safetensors",
     "evaluation-segmentor": "evaluation-segmentor.safetensors",
     "guidance-segmentor": "guidance-segmentor.safetensors",
+    "regressor": "regressor.safetensors",  # only with a sampling-time strategy, whose terms may read it
 }
+OPTIONAL = frozenset({"regressor"})
 
 
 class ModelVersionError(DataError):
@@ -102,7 +105,9 @@ def _run(root: Path, strategy: str | None) -> ModelFiles:
         "dscm": root / "finetune" / strategy / WEIGHTS_FILE,
         **{name: root / "predictors" / name / WEIGHTS_FILE for name in SEGMENTORS},
     }
-    for role in SEGMENTORS:
+    if at_sampling_time(root / CONFIG_FILE, strategy):
+        files["regressor"] = root / "predictors" / "regressor" / WEIGHTS_FILE
+    for role in [r for r in files if r in (*SEGMENTORS, "regressor")]:
         if not (files[role].parent / DONE).is_file():
             raise DataError(f"{files[role].parent}: the {role} has not finished training; finish the run with --resume")
     _check_present(files)
@@ -128,7 +133,8 @@ def _exported(root: Path, strategy: str | None, check_versions: bool) -> ModelFi
     if strategy is not None and strategy != exported:
         raise ConfigError(f"{root}: the exported model is strategy {exported!r}, not {strategy!r}")
     check_versions_of(manifest.get("versions", {}), root / MODEL_FILE, strict=check_versions)
-    files = {role: root / name for role, name in EXPORTED.items()}
+    listed = manifest["files"]
+    files = {role: root / name for role, name in EXPORTED.items() if role not in OPTIONAL or name in listed}
     _check_present(files)
     for path in files.values():
         expected = manifest["files"].get(path.name)
@@ -143,6 +149,13 @@ def _exported(root: Path, strategy: str | None, check_versions: bool) -> ModelFi
         )
     except (KeyError, TypeError, ValueError, IndexError):
         raise DataError(f"{root / MODEL_FILE}: no usable image_shape and spacing_mm") from None
+
+
+def at_sampling_time(config_file: Path, label: str) -> bool:
+    """Whether the model ``label`` (``<strategy>`` or ``<mechanism>/<strategy>``) is a sampling-time strategy."""
+    from causalimg.config.loader import load_config
+
+    return label.rsplit("/", 1)[-1] in load_config(config_file).finetune.sampling_time
 
 
 def _check_present(files: dict[str, Path]) -> None:

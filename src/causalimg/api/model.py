@@ -32,6 +32,8 @@ from causalimg.builder import Builder, load_schema, load_transform
 from causalimg.config.loader import load_config
 from causalimg.config.run import RunConfig, mechanism_of
 from causalimg.core.data import DataSource
+from causalimg.core.guidance import GuidancePredictors, SamplingGuidance
+from causalimg.core.mechanism import Exogenous
 from causalimg.core.regions import Partitioner, batch_region_masks
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
@@ -170,6 +172,7 @@ class CounterfactualModel:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         channels_last: bool = True,
+        guidance: SamplingGuidance | None = None,
     ):
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r}: choose {' or '.join(PRECISIONS)}")
@@ -185,6 +188,10 @@ class CounterfactualModel:
         self.spacing_mm: float = files.spacing_mm
         self.strategy: str = files.strategy
         self.temperature: float = float(config.finetune.temperature)
+        self.guidance = guidance  # a sampling-time strategy's terms, which steer every prediction
+        if guidance is not None:
+            for strategy in guidance.strategies:
+                strategy.to(self.device)
 
     @classmethod
     def from_pretrained(
@@ -215,7 +222,15 @@ class CounterfactualModel:
             role: load_frozen(build.segmentor(schema), files[role])
             for role in ("evaluation-segmentor", "guidance-segmentor")
         }
+        guidance = None
+        strategy_name = files.strategy.rsplit("/", 1)[-1]
+        if strategy_name in config.finetune.sampling_time:
+            regressor = load_frozen(build.regressor(schema), files["regressor"]) if "regressor" in files.files else None
+            predictors = GuidancePredictors(segmentor=segmentors["guidance-segmentor"], regressor=regressor)
+            scale = config.finetune.sampling_time[strategy_name].scale
+            guidance = SamplingGuidance(build.guidance(strategy_name, predictors), schema, files.spacing_mm**2, scale)
         return cls(
+            guidance=guidance,
             dscm=dscm,
             evaluation_segmentor=segmentors["evaluation-segmentor"],
             guidance_segmentor=segmentors["guidance-segmentor"],
@@ -408,6 +423,23 @@ class CounterfactualModel:
         measured = torch.cat([self.measure(x[a:b], _rows(regions, a, b)) for a, b, _ in chunks])
         return Factual(x, pa, regions, measured, source, chunks)
 
+    def _guided(
+        self, factual: Factual, start: int, stop: int, exo: Any, pa_cf: torch.Tensor, do: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """A sampling-time strategy's prediction: gradients flow, so outside inference mode, on copies
+        of the inference-mode tensors."""
+        copy = lambda t: t.clone().to(self.device)  # noqa: E731 (an inference tensor cannot enter autograd)
+        pa, cf = copy(factual.parents[start:stop]), copy(pa_cf)
+        intervened = torch.zeros_like(pa, dtype=torch.bool)  # (B, P)
+        for name in do:
+            intervened[:, self.transform.index(name)] = True
+        state = Exogenous(latents=[copy(z) for z in exo.latents], noise=copy(exo.noise))
+        regions = copy(_rows(factual.regions, start, stop))
+        x = copy(self._place(factual.images[start:stop]))
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            x_cf = self.guidance.predict(self.dscm, state, x, pa, cf, intervened, regions)  # type: ignore[union-attr]
+        return x_cf.float().contiguous()
+
     def _warn_outside_support(self, pa: torch.Tensor) -> None:
         t = self.transform
         outside = ((pa < t.low) | (pa > t.high)).any(0)
@@ -462,8 +494,11 @@ class CounterfactualModel:
             do_chunk = {n: v[start:stop].to(self.device) for n, v in targets.values.items()}
             with torch.inference_mode():  # the flows in float32 whatever the precision
                 pa_cf = self.dscm.counterfactual_parents(pa, do_chunk)
-            with self._running():
-                x_cf = self.dscm.predict(exo, pa_cf).float().contiguous()
+            if self.guidance is None:
+                with self._running():
+                    x_cf = self.dscm.predict(exo, pa_cf).float().contiguous()
+            else:
+                x_cf = self._guided(factual, start, stop, exo, pa_cf, targets.values)
             probs = self.segment(x_cf)  # (B, C, H, W)
             regions = _rows(factual.regions, start, stop).to(self.device)
             measured.append(self.schema.measure(probs, regions, self.spacing_mm**2).cpu())

@@ -37,6 +37,7 @@ from causalimg.config.sections import (
     PredictorsSection,
     ReportSection,
     RunSection,
+    SamplingTimeConfig,
     TrackingConfig,
     TrainConfig,
 )
@@ -82,6 +83,18 @@ class FinetuneSection(StrictModel):
     trainable: Literal["all", "decoder"] = "all"
     interventions_per_step: PositiveInt = 1
     constraint: ConstraintConfig = ConstraintConfig()
+    # strategy labels whose terms guide the prediction at sampling time instead of fine-tuning
+    sampling_time: dict[str, SamplingTimeConfig] = {}
+
+    @model_validator(mode="after")
+    def _sampling_time_labels(self) -> FinetuneSection:
+        for label in self.sampling_time:
+            if not self.strategies.get(label):
+                raise ValueError(
+                    f"sampling_time: {label!r} must be a strategy label with guidance terms "
+                    f"(strategies: {', '.join(self.strategies)})"
+                )
+        return self
 
     @field_validator("strategies")
     @classmethod
@@ -283,6 +296,7 @@ def build_run_config_model(registry: Registry) -> type[RunConfig]:
     terms: Any = Annotated[list[guidance_term], _each_once("guidance", "give each term once, with its weight")]  # type: ignore[valid-type]
     strategies: Any = dict[str, terms]
     metrics: Any = Annotated[list[metric], _each_once("metric", "give each metric once")]  # type: ignore[valid-type]
+    mechanisms: Any = dict[str, plugin_union(registry, "image_mechanism")]  # type: ignore[misc]
     finetune = create_model(
         "FinetuneSection",
         __base__=FinetuneSection,
@@ -302,7 +316,7 @@ def build_run_config_model(registry: Registry) -> type[RunConfig]:
         __doc__=RunConfig.__doc__,
         finetune=(finetune, finetune()),
         evaluate=(evaluate, Field(default_factory=evaluate)),
-        compare_mechanisms=(dict[str, plugin_union(registry, "image_mechanism")], {}),  # type: ignore[misc]
+        compare_mechanisms=(mechanisms, {}),
         **sections,
     )
 

@@ -92,6 +92,14 @@ class ConstraintConfig(StrictModel):
     weight: NonNegativeFloat = 1.0  # the nelbo's weight when kind is "fixed"
 
 
+class SamplingTimeConfig(StrictModel):
+    """A strategy whose guidance terms steer the image mechanism while it predicts, instead of
+    fine-tuning it: every velocity evaluation moves down the gradient of the terms' loss on the
+    image it heads for (image mechanisms with ``GuidedPrediction``, such as ``flow-matching``)."""
+
+    scale: PositiveFloat = 1.0  # v <- v - scale * grad_x(loss of the image x + (1 - t) v), per image
+
+
 class SegmentorSection(SegmentorConfig):
     """The frozen segmentors (guidance and evaluation): the U-Net's size and its training."""
 

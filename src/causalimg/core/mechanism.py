@@ -3,8 +3,9 @@
 Required: ``ImageMechanism`` and ``AttributeMechanism``. Optional capabilities are protocols of
 their own, checked by type where a stage can use them (``causalimg.testing`` checks them too):
 ``HasEncoder`` (a bottom-up encoder that decoder-only fine-tuning leaves frozen) and
-``Reconstructs`` (a picture of what the model sees in an image, for the pretraining check) and
-``SharesEncoderPass`` (the factual loss and the abduction from one pass, for fine-tuning speed).
+``Reconstructs`` (a picture of what the model sees in an image, for the pretraining check),
+``SharesEncoderPass`` (the factual loss and the abduction from one pass, for fine-tuning speed) and
+``GuidedPrediction`` (a prediction steered by a loss, for sampling-time guidance strategies).
 
 Image mechanism x := g(z, pa_x) with exogenous state (latents z, pixel noise u); attribute
 mechanism v := f(u; pa_v), an invertible map so that abduction u = f^-1(v; pa_v) is exact.
@@ -13,6 +14,7 @@ All parent tensors here are NORMALISED (see ``VariableTransform``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -84,6 +86,18 @@ class SharesEncoderPass(Protocol):
         self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0
     ) -> tuple[dict[str, torch.Tensor], Exogenous]:
         """``(loss(x, pa), abduct(x, pa, t))``, with the same values in eval mode."""
+        ...
+
+
+@runtime_checkable
+class GuidedPrediction(Protocol):
+    """An image mechanism whose prediction a differentiable loss can steer while it is computed."""
+
+    def predict_guided(
+        self, exogenous: Exogenous, pa: torch.Tensor, guide: Callable[[torch.Tensor], torch.Tensor], scale: float
+    ) -> torch.Tensor:
+        """``predict(exogenous, pa)`` with each step pushed down the gradient of ``guide``, a scalar
+        loss on the (B, 1, H, W) image the step heads for, summed over images, times ``scale``."""
         ...
 
 

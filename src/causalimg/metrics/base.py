@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from einops import reduce, repeat
 
+from causalimg.core.guidance import SamplingGuidance
 from causalimg.core.schema import VariableSchema
 from causalimg.core.transform import VariableTransform
 
@@ -59,6 +60,30 @@ class DSCMCounterfactuals:
     def counterfactual(self, x: torch.Tensor, pa: torch.Tensor, do: Do) -> tuple[torch.Tensor, torch.Tensor]:
         pa_cf = self.dscm.counterfactual_parents(pa, do) if do else pa
         return self.dscm.predict(self._abduct(x, pa), pa_cf), pa_cf
+
+
+class GuidedCounterfactuals(DSCMCounterfactuals):
+    """``DSCMCounterfactuals`` whose prediction a ``SamplingGuidance`` steers (sampling-time strategies).
+
+    The guidance's regional terms need the batch's region masks: ``regions`` is set to them before
+    the batch's metrics run (the evaluate stage does so as it makes each batch's context).
+    """
+
+    def __init__(self, dscm: Any, guidance: SamplingGuidance, temperature: float = 0.0):
+        super().__init__(dscm, temperature)
+        self.guidance = guidance
+        self.regions: torch.Tensor | None = None  # (B or 1, K, H, W) of the current batch
+
+    @torch.no_grad()
+    def counterfactual(self, x: torch.Tensor, pa: torch.Tensor, do: Do) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.regions is None:
+            raise RuntimeError("GuidedCounterfactuals.regions is not set: give it the batch's region masks first")
+        pa_cf = self.dscm.counterfactual_parents(pa, do) if do else pa
+        intervened = torch.zeros_like(pa, dtype=torch.bool)  # (B, P)
+        for name in do:
+            intervened[:, self.dscm.transform.names.index(name)] = True
+        exogenous = self._abduct(x, pa)
+        return self.guidance.predict(self.dscm, exogenous, x, pa, pa_cf, intervened, self.regions), pa_cf
 
 
 class TrueCounterfactual(Protocol):

@@ -91,10 +91,15 @@ def pipeline_stages(config: RunConfig, registry: Registry, group: ProcessGroup) 
         graph.declare(f"pretrain{under}", pretrain.run, pretrain.reads(path), ("data",), mechanism=path,
                       seed_name="pretrain")  # fmt: skip
         for label in config.finetune.strategies:
-            tuned = f"finetune{under}/{label}"
-            graph.declare(tuned, finetune.run, finetune.reads(label, path), finetune.upstream(f"pretrain{under}"),
-                          mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
-            graph.declare(f"evaluate{under}/{label}", evaluate.run, evaluate.reads(path), evaluate.upstream(tuned),
+            tuned, at_sampling = f"finetune{under}/{label}", label in config.finetune.sampling_time
+            if at_sampling:  # its terms steer evaluate's predictions; nothing is fine-tuned
+                graph.declare(tuned, finetune.keep_pretrained, finetune.untrained_reads(path),
+                              finetune.upstream(f"pretrain{under}"), mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
+            else:
+                graph.declare(tuned, finetune.run, finetune.reads(label, path), finetune.upstream(f"pretrain{under}"),
+                              mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
+            graph.declare(f"evaluate{under}/{label}", evaluate.run_sampling_time if at_sampling else evaluate.run,
+                          evaluate.reads(path, label if at_sampling else None), evaluate.upstream(tuned, at_sampling),
                           extra={"outputs": evaluate.OUTPUTS}, mechanism=path, seed_name=f"evaluate/{label}")  # fmt: skip
             evaluations.append(f"evaluate{under}/{label}")
     graph.declare("report", report.run, report.READS, ("data", *evaluations))

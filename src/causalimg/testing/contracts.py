@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 
 from causalimg.core.data import DataSource, TrueCounterfactuals, split_size
-from causalimg.core.mechanism import AttributeMechanism, HasEncoder, ImageMechanism, Reconstructs
+from causalimg.core.mechanism import AttributeMechanism, GuidedPrediction, HasEncoder, ImageMechanism, Reconstructs
 from causalimg.core.regions import Partitioner
 
 
@@ -90,7 +90,8 @@ def check_image_mechanism(
     [-1, 1] on the parameters' device; predicting under the factual parents gives back x within
     ``abduction_tolerance`` (exact pixel-noise abduction: 1e-4; an ODE inversion states its own).
     ``HasEncoder``: the encoder is a submodule with parameters; ``Reconstructs``: a (B, 1, H, W)
-    image in [-1, 1].
+    image in [-1, 1]; ``GuidedPrediction``: with a loss that does not depend on the image it is
+    ``predict``, and it returns no gradient.
     """
     model = cast(ImageMechanism, mechanism)
     h, w = image_shape
@@ -128,11 +129,23 @@ def check_image_mechanism(
             assert seen.shape == x.shape and float(seen.min()) >= -1 and float(seen.max()) <= 1, (
                 f"reconstruct() must give (B, 1, H, W) in [-1, 1], got {tuple(seen.shape)}"
             )
+    if isinstance(mechanism, GuidedPrediction):  # needs gradients: outside no_grad
+        steered = mechanism.predict_guided(exo, pa, lambda image: image.sum() * 0.0, scale=1.0)
+        with torch.no_grad():
+            plain = model.predict(exo, pa)
+        assert not steered.requires_grad, "predict_guided() must return an image without a gradient"
+        error = float((steered - plain).abs().max())
+        assert error < 1e-5, f"predict_guided() with a flat loss must be predict(); max difference {error:.2e}"
 
 
 def capabilities(component: object) -> set[str]:
     """The optional capabilities a mechanism or data source declares (what stages can use)."""
-    protocols = {"HasEncoder": HasEncoder, "Reconstructs": Reconstructs, "TrueCounterfactuals": TrueCounterfactuals}
+    protocols = {
+        "HasEncoder": HasEncoder,
+        "Reconstructs": Reconstructs,
+        "GuidedPrediction": GuidedPrediction,
+        "TrueCounterfactuals": TrueCounterfactuals,
+    }
     return {name for name, protocol in protocols.items() if isinstance(component, protocol)}
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from causalimg.builder import WEIGHTS_FILE
 from causalimg.config.sections import FigureConfig, TrainConfig
 from causalimg.core.data import Split, TrueCounterfactuals, split_size
+from causalimg.core.guidance import GuidancePredictors, SamplingGuidance
 from causalimg.core.schema import VariableSchema
 from causalimg.core.scm import DSCM
 from causalimg.errors import ConfigError, InterventionError
@@ -27,6 +28,7 @@ from causalimg.metrics.base import (
     DSCMCounterfactuals,
     EvalContext,
     EvalInfo,
+    GuidedCounterfactuals,
     TrueCounterfactual,
     collect_rows,
     summarise,
@@ -41,14 +43,18 @@ OUTPUTS = (METRICS_FILE, FIGURE_FILE, ROWS_FILE)  # in the stage's hash: a versi
 FIGURE_CANDIDATES = 32  # Figure 1 shows the one of the first images with the most room for the change
 
 
-def reads(mechanism: str = "image_mechanism") -> tuple[str, ...]:
+def reads(mechanism: str = "image_mechanism", sampling_time: str | None = None) -> tuple[str, ...]:
+    """``sampling_time``: the label of a sampling-time strategy, whose terms and predictors this stage applies."""
+    guided = () if sampling_time is None else (
+        "predictors", f"finetune.strategies.{sampling_time}", f"finetune.sampling_time.{sampling_time}")  # fmt: skip
     return ("data", "regions", "flows", mechanism, "predictors.segmentor", "finetune.temperature",
-            "evaluate", "report.figure")  # fmt: skip
+            "evaluate", "report.figure", *guided)  # fmt: skip
 
 
-def upstream(finetuned: str) -> tuple[str, ...]:
+def upstream(finetuned: str, sampling_time: bool = False) -> tuple[str, ...]:
     """``finetuned``: the finetune stage whose DSCM this one evaluates."""
-    return ("data", "predictors/evaluation-segmentor", finetuned)
+    guidance = ("predictors/guidance-segmentor", "predictors/regressor") if sampling_time else ()
+    return ("data", "predictors/evaluation-segmentor", *guidance, finetuned)
 
 
 def true_counterfactual(source: Any, split: Split) -> TrueCounterfactual | None:
@@ -101,13 +107,14 @@ def figure_images(
     figure: FigureConfig,
     temperature: float,
     truth: TrueCounterfactual | None = None,
+    guidance: SamplingGuidance | None = None,
 ) -> dict[str, torch.Tensor]:
     """Counterfactuals of one image: ``figure.change`` more of one structure in each region in turn,
     and, where the data set knows them (``truth``), the TRUE counterfactuals of the same asks.
 
     The image is the one of the batch with the most room for the change in its tightest region, so
     the clipping to the support shrinks the change as little as possible (the same image for every
-    strategy, since the choice depends on the data only).
+    strategy, since the choice depends on the data only). ``guidance``: a sampling-time strategy's.
     """
     transform = dscm.transform
     structure = figure_structure(schema, figure)
@@ -117,6 +124,9 @@ def figure_images(
     i = int(room.argmax())
     x, pa = batch["image"][i : i + 1], pa[i : i + 1]
     model = DSCMCounterfactuals(dscm, temperature)
+    if guidance is not None:
+        model = GuidedCounterfactuals(dscm, guidance, temperature)
+        model.regions = batch["regions"][i : i + 1]
     one = {key: value[i : i + 1] for key, value in batch.items() if isinstance(value, torch.Tensor)}
     images, targets, true_images = [], [], []
     for column in columns:
@@ -147,7 +157,19 @@ def figure_titles(figure: Mapping[str, torch.Tensor], schema: VariableSchema, co
     ]
 
 
-def run(step: Step) -> dict[str, Any]:
+def run_sampling_time(step: Step) -> dict[str, Any]:
+    """``run`` for a sampling-time strategy: its guidance terms steer every counterfactual's prediction."""
+    predictors = GuidancePredictors(  # the evaluation segmentor is deliberately not among them
+        segmentor=step.build.frozen_segmentor(step.schema, step.ctx.inputs["predictors/guidance-segmentor"]),
+        regressor=step.build.frozen_regressor(step.schema, step.ctx.inputs["predictors/regressor"]),
+    )
+    scale = step.config.finetune.sampling_time[step.strategy].scale
+    guidance = SamplingGuidance(step.build.guidance(step.strategy, predictors), step.schema,
+                                float(step.source.spacing_mm) ** 2, scale)  # fmt: skip
+    return run(step, guidance)
+
+
+def run(step: Step, guidance: SamplingGuidance | None = None) -> dict[str, Any]:
     """Write ``metrics.json``, ``rows.safetensors`` and ``figure.safetensors``; returns the headline numbers."""
     config, source, schema = step.config, step.source, step.schema
     accelerator = make_accelerator(TrainConfig(), step.dir)
@@ -155,6 +177,9 @@ def run(step: Step) -> dict[str, Any]:
     dscm = step.build.dscm(schema, source.image_shape, step.transform)
     load_module(dscm, step.input_of("finetune") / WEIGHTS_FILE)
     dscm.to(device).eval()
+    if guidance is not None:
+        for strategy in guidance.strategies:
+            strategy.to(device)
     evaluation_segmentor = step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/evaluation-segmentor"])
     evaluation_segmentor.to(device)
     split_name: Split = config.evaluate.split
@@ -179,12 +204,19 @@ def run(step: Step) -> dict[str, Any]:
     def features(images: torch.Tensor) -> torch.Tensor:
         return evaluation_segmentor.features(images)  # (B, D)
 
+    model = (
+        DSCMCounterfactuals(dscm, temperature)
+        if guidance is None
+        else GuidedCounterfactuals(dscm, guidance, temperature)
+    )
+
     def make_context(batch: Mapping[str, Any]) -> EvalContext:
         # posterior samples (t > 0) are seeded per batch: a rerun gives the same numbers
         torch.manual_seed(int(np.random.SeedSequence([seed, int(batch["index"][0])]).generate_state(1)[0]))
+        if isinstance(model, GuidedCounterfactuals):
+            model.regions = batch["regions"]
         return EvalContext(info, dscm.transform, batch["regions"], pixel_area, segment, features, truth, seed=seed)
 
-    model = DSCMCounterfactuals(dscm, temperature)
     indices, rows = collect_rows(metrics, model, loader, make_context, gatherer=accelerator)
     summaries = summarise(metrics, rows, info)
     if accelerator.is_main_process:
@@ -194,7 +226,7 @@ def run(step: Step) -> dict[str, Any]:
         first = next(iter(DataLoader(Subset(split, range(min(n, FIGURE_CANDIDATES))), batch_size=FIGURE_CANDIDATES)))
         first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
         with torch.no_grad():
-            figure = figure_images(dscm, first, schema, config.report.figure, temperature, truth)
+            figure = figure_images(dscm, first, schema, config.report.figure, temperature, truth, guidance)
         save_tensors(step.dir / FIGURE_FILE, figure)
     accelerator.wait_for_everyone()
     headline: dict[str, Any] = {"num_images": n, "split": split_name}

@@ -32,6 +32,22 @@ def reads(label: str, mechanism: str = "image_mechanism") -> tuple[str, ...]:
             f"finetune.strategies.{label}")  # fmt: skip
 
 
+def untrained_reads(mechanism: str = "image_mechanism") -> tuple[str, ...]:
+    """What ``keep_pretrained`` reads: a sampling-time strategy's stage is the pretrained DSCM whatever its terms."""
+    return ("data", "regions", "flows", mechanism)
+
+
+def keep_pretrained(step: Step) -> dict[str, Any]:
+    """The finetune stage of a sampling-time strategy: the pretrained DSCM as it is (its terms act in evaluate)."""
+    dscm = step.build.dscm(step.schema, step.source.image_shape, step.transform)
+    load_module(dscm.attributes, step.ctx.inputs["flows"] / WEIGHTS_FILE)
+    load_module(dscm.image, step.input_of(PRETRAIN) / WEIGHTS_FILE)
+    if step.is_main:
+        save_tensors(step.dir / WEIGHTS_FILE, dscm.state_dict())
+    step.ctx.group.wait_for_everyone()
+    return {"finetuned": False, "guided_at": "sampling"}
+
+
 def run(step: Step) -> dict[str, Any]:
     source, schema = step.source, step.schema
     dscm = step.build.dscm(schema, source.image_shape, step.transform)
