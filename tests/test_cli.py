@@ -79,6 +79,7 @@ def test_schema_is_json_with_every_section(capsys):
         "regions",
         "flows",
         "image_mechanism",
+        "compare_mechanisms",
         "flows_train",
         "pretrain",
         "predictors",

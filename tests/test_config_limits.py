@@ -572,6 +572,8 @@ MAY_BE_EMPTY = {
     ("EvaluateSection", "metrics"): "an evaluation without metrics",
     ("ReportSection", "ordering"): "no expected ordering to count",
     ("ReportSection", "tables"): "a report without a Table 1",
+    ("RunConfig", "compare_mechanisms"): "one image mechanism, compared with none",
+    ("FinetuneSection", "sampling_time"): "every strategy fine-tunes",
 }
 
 

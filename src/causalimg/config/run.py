@@ -65,6 +65,14 @@ PLUGIN_SECTIONS: dict[str, str] = {
 _LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+def _check_labels(labels: Mapping[str, Any], noun: str) -> None:
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError(
+                f"{noun} label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
+            )
+
+
 class PluginConfig(StrictModel):
     """What code may rely on in any plugin section: the ``name`` that selected the plugin.
 
@@ -99,11 +107,7 @@ class FinetuneSection(StrictModel):
     @field_validator("strategies")
     @classmethod
     def _labels(cls, strategies: dict[str, Any]) -> dict[str, Any]:
-        for label in strategies:
-            if not _LABEL.match(label):
-                raise ValueError(
-                    f"strategy label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
-                )
+        _check_labels(strategies, "strategy")
         if not strategies:
             raise ValueError("give at least one strategy, for example `none: []` (no guidance)")
         return strategies
@@ -145,11 +149,7 @@ class RunConfig(StrictModel):
     @field_validator("compare_mechanisms")
     @classmethod
     def _mechanism_labels(cls, mechanisms: dict[str, Any]) -> dict[str, Any]:
-        for label in mechanisms:
-            if not _LABEL.match(label):
-                raise ValueError(
-                    f"mechanism label {label!r} must be lower case letters, digits, '-' or '_' (it names a folder)"
-                )
+        _check_labels(mechanisms, "mechanism")
         return mechanisms
 
     @model_validator(mode="after")
