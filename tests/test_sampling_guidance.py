@@ -11,9 +11,11 @@ import torch
 from causalimg import CounterfactualModel
 from causalimg.api.bundle import export_model
 from causalimg.config.loader import dump_config, load_config
+from causalimg.config.run import strategy_labels
 from causalimg.errors import ConfigError
 from causalimg.io import load_tensors
-from causalimg.pipeline.graph import run_pipeline
+from causalimg.pipeline.graph import pipeline_stages, run_pipeline
+from causalimg.pipeline.stages.report import comparisons
 from causalimg.plugins.manager import load_registry
 from causalimg.preflight import preflight
 
@@ -48,6 +50,23 @@ def test_a_mechanism_that_cannot_be_guided_is_refused_before_any_stage(tmp_path,
     config = tiny(tmp_path, registry, STRATEGIES, "finetune.sampling_time={guided: {}}")  # the HVAE
     with pytest.raises(ConfigError, match="predict_guided.*'hvae'"):
         preflight(config, registry)
+
+
+def test_a_sampling_time_strategy_can_name_the_mechanisms_it_steers(tmp_path, registry):
+    """Beside a mechanism that cannot be guided, the strategy lists the ones that can: the run has
+    its stages and report rows there and nowhere else."""
+    compared = FLOW.replace("image_mechanism=", "compare_mechanisms.fm=")
+    config = tiny(tmp_path, registry, compared, STRATEGIES, "finetune.sampling_time={guided: {mechanisms: [fm]}}")
+    assert preflight(config, registry) is not None
+    assert strategy_labels(config) == ["hvae/none", "fm/none", "fm/guided"]
+    names = [stage.name for stage in pipeline_stages(config, registry, None)]
+    assert "evaluate/fm/guided" in names and not any(name.endswith("hvae/guided") for name in names)
+    assert ("hvae/guided", "fm/guided") not in comparisons(config)
+    with pytest.raises(ConfigError, match="'diffusion' is not an image mechanism of this run \\(hvae, fm\\)"):
+        tiny(tmp_path, registry, compared, STRATEGIES, "finetune.sampling_time={guided: {mechanisms: [diffusion]}}")
+    every = tiny(tmp_path, registry, compared, STRATEGIES, "finetune.sampling_time={guided: {}}")
+    with pytest.raises(ConfigError, match="without 'hvae'"):
+        preflight(every, registry)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from causalimg.config.run import RunConfig, mechanism_paths
+from causalimg.config.run import RunConfig, mechanism_paths, runs_on
 from causalimg.core.data import SPLITS, TrueCounterfactuals, split_size
 from causalimg.core.mechanism import GuidedPrediction, HasEncoder
 from causalimg.errors import CausalImgError, ConfigError
@@ -62,18 +62,20 @@ def preflight(config: RunConfig, registry: Registry) -> list[str]:
             f"predictors.segmentor.widths halve the image {len(config.predictors.segmentor.widths) - 1} times, "
             f"so its sides must divide by {factor}; the data's images are {height} x {width}"
         )
-    for path in mechanism_paths(config).values():
+    for label, path in mechanism_paths(config).items():
         try:
             mechanism = Builder(config, registry, path).image_mechanism(schema, source.image_shape)
         except CausalImgError as err:
             problems.append(f"{path}: {err}")
             continue
-        at_sampling = list(config.finetune.sampling_time)
+        at_sampling = [s for s in config.finetune.sampling_time if runs_on(config, label, s)]
         if at_sampling and not isinstance(mechanism, GuidedPrediction):
+            name = label or config.image_mechanism.name
             problems.append(
                 f"finetune.sampling_time ({', '.join(at_sampling)}) needs image mechanisms that can be guided while "
                 f"they predict (`predict_guided`); {path} ({Builder(config, registry, path).mechanism_config.name!r}) "
-                "cannot: fine-tune with those terms instead, or compare flow-matching alone"
+                f"cannot: fine-tune with those terms instead, or list the mechanisms it steers without {name!r} "
+                f"(finetune.sampling_time.<strategy>.mechanisms)"
             )
         if guided and config.finetune.trainable == "decoder" and not isinstance(mechanism, HasEncoder):
             problems.append(

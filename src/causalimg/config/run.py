@@ -159,6 +159,14 @@ class RunConfig(StrictModel):
                 f"compare_mechanisms: the label {self.image_mechanism.name!r} is image_mechanism's own "
                 "(its stages are labelled by its name); choose another label"
             )
+        labels = mechanism_labels(self)
+        for strategy, guided in self.finetune.sampling_time.items():
+            unknown = [m for m in guided.mechanisms or () if m not in labels]
+            if unknown:
+                raise ValueError(
+                    f"finetune.sampling_time.{strategy}.mechanisms: {', '.join(map(repr, unknown))} is not an image "
+                    f"mechanism of this run ({', '.join(labels)})"
+                )
         return self
 
 
@@ -173,6 +181,21 @@ def mechanism_paths(config: Any) -> dict[str | None, str]:
     if not extra:
         return {None: "image_mechanism"}
     return {config.image_mechanism.name: "image_mechanism", **{label: f"compare_mechanisms.{label}" for label in extra}}
+
+
+def mechanism_labels(config: Any) -> list[str]:
+    """Every image mechanism's label, as ``finetune.sampling_time.<s>.mechanisms`` names them: the
+    main one by its plugin name, the others by their ``compare_mechanisms`` labels."""
+    return [config.image_mechanism.name, *config.compare_mechanisms]
+
+
+def runs_on(config: Any, mechanism: str | None, strategy: str) -> bool:
+    """Whether ``strategy`` is fine-tuned or applied on the image mechanism labelled ``mechanism``
+    (None: the only one): every strategy is, but a sampling-time one that names its mechanisms."""
+    guided = config.finetune.sampling_time.get(strategy)
+    if guided is None or guided.mechanisms is None:
+        return True
+    return (mechanism or config.image_mechanism.name) in guided.mechanisms
 
 
 def mechanism_of(config: Any, label: str) -> str:
@@ -191,6 +214,7 @@ def strategy_labels(config: Any) -> list[str]:
         strategy if mechanism is None else f"{mechanism}/{strategy}"
         for mechanism in mechanism_paths(config)
         for strategy in config.finetune.strategies
+        if runs_on(config, mechanism, strategy)
     ]
 
 

@@ -98,6 +98,9 @@ class SamplingTimeConfig(StrictModel):
     image it heads for (image mechanisms with ``GuidedPrediction``, such as ``flow-matching``)."""
 
     scale: PositiveFloat = 1.0  # v <- v - scale * grad_x(loss of the image x + (1 - t) v), per image
+    # the image mechanisms it steers, by run label (image_mechanism's plugin name or a
+    # compare_mechanisms label); None: every mechanism of the run
+    mechanisms: list[str] | None = Field(None, min_length=1)
 
 
 class SegmentorSection(SegmentorConfig):

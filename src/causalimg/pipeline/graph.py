@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from causalimg.builder import Builder
-from causalimg.config.run import RunConfig, mechanism_paths
+from causalimg.config.run import RunConfig, mechanism_paths, runs_on
 from causalimg.config.sections import TrainConfig
 from causalimg.pipeline import reads as config_reads
 from causalimg.pipeline.stage import ProcessGroup, Stage, StageContext, run_stages
@@ -90,7 +90,7 @@ def pipeline_stages(config: RunConfig, registry: Registry, group: ProcessGroup) 
         under = "" if mechanism is None else f"/{mechanism}"
         graph.declare(f"pretrain{under}", pretrain.run, pretrain.reads(path), ("data",), mechanism=path,
                       seed_name="pretrain")  # fmt: skip
-        for label in config.finetune.strategies:
+        for label in (s for s in config.finetune.strategies if runs_on(config, mechanism, s)):
             tuned, at_sampling = f"finetune{under}/{label}", label in config.finetune.sampling_time
             if at_sampling:  # its terms steer evaluate's predictions; nothing is fine-tuned
                 graph.declare(tuned, finetune.keep_pretrained, finetune.untrained_reads(path),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from causalimg.config.loader import dump_config
-from causalimg.config.run import mechanism_paths, strategy_labels
+from causalimg.config.run import mechanism_paths, runs_on, strategy_labels
 from causalimg.core.schema import VariableSchema
 from causalimg.errors import DataError
 from causalimg.io import atomic_write_json, atomic_write_text, load_tensors, read_json
@@ -86,8 +86,10 @@ def comparisons(config: Any) -> list[tuple[str, str]]:
     and each strategy across mechanisms (not one mechanism's strategy against another's)."""
     mechanisms, strategies = list(mechanism_paths(config)), list(config.finetune.strategies)
     label = lambda m, s: s if m is None else f"{m}/{s}"  # noqa: E731
-    within = [(label(m, a), label(m, b)) for m in mechanisms for a, b in combinations(strategies, 2)]
-    across = [(label(a, s), label(b, s)) for s in strategies for a, b in combinations(mechanisms, 2)]
+    on = lambda m: [s for s in strategies if runs_on(config, m, s)]  # noqa: E731
+    within = [(label(m, a), label(m, b)) for m in mechanisms for a, b in combinations(on(m), 2)]
+    across = [(label(a, s), label(b, s)) for s in strategies for a, b in combinations(mechanisms, 2)
+              if runs_on(config, a, s) and runs_on(config, b, s)]  # fmt: skip
     return within + across
 
 
