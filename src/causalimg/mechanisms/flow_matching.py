@@ -53,7 +53,9 @@ class FlowMatchingConfig(StrictModel):
     grid_power: PositiveFloat = 2.0
     abduction_iterations: NonNegativeInt = 0  # fixed-point refinements per abduction step
     checkpointing: bool = True  # recompute each solver step in backward: memory of one step, same numbers
-    differentiable_abduction: bool = False  # False: abducted noise is a constant to the gradient
+    # True: fine-tuning differentiates abduction too; False: the abducted noise is a constant to the
+    # gradient (cheaper, but it credits parent-independent changes that abduction then undoes)
+    differentiable_abduction: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class FlowMatching(nn.Module):
         grid_power: float = 1.0,
         abduction_iterations: int = 0,
         checkpointing: bool = True,
-        differentiable_abduction: bool = False,
+        differentiable_abduction: bool = True,
     ):
         super().__init__()
         if num_parents < 1:
@@ -243,9 +245,11 @@ class FlowMatching(nn.Module):
     def abduct(self, x: torch.Tensor, pa: torch.Tensor, t: float = 0.0) -> Exogenous:
         """The noise x0 (in ``Exogenous.noise``, no latents) that the ODE carries to x under pa.
 
-        Deterministic: ``t`` (the HVAE's posterior temperature) has nothing to scale here. Without
-        ``differentiable_abduction`` it runs without gradients: the noise is a constant of the
-        counterfactual, and fine-tuning backpropagates through the prediction alone.
+        Deterministic: ``t`` (the HVAE's posterior temperature) has nothing to scale here. With
+        ``differentiable_abduction`` (default) fine-tuning backpropagates through it: abduction and
+        prediction share the velocity network, and a change that does not depend on the parents is
+        undone by the abduction it also changes, which only the full gradient sees. Without it the
+        noise is a constant of the counterfactual, and the gradient goes through the prediction alone.
         """
         self._check(x, pa)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable_abduction):
