@@ -4,8 +4,7 @@ One CFT step = factual nelbo + abduction + counterfactual decode + the strategy'
 predictors on x~ + backward + AdamW, exactly ``CounterfactualFineTuning`` as the pipeline runs it,
 with the run config's default predictor sizes (U-Net segmentor, timm ResNet regressor) and the
 image mechanism and preset named (the HVAE, or flow matching at its shipped solver settings, whose
-abduction runs without gradients and whose prediction is differentiated through checkpointed
-solver steps). ``none`` times the same step without guidance terms: what the guidance adds is the
+abduction and prediction are differentiated through checkpointed solver steps). ``none`` times the same step without guidance terms: what the guidance adds is the
 difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is). ``pretrain`` times
 a pretraining step of the same mechanism (its loss forward + backward + AdamW, as the pretrain
 stage runs it): each strategy's step is also reported as a multiple of it. Steps of all rows are

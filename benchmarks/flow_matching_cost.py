@@ -3,8 +3,8 @@
 For each preset and input size, untrained networks (cost does not depend on weights): parameters,
 GFLOP per image of one velocity evaluation, of one counterfactual (abduction + prediction), and of
 the counterfactual with its gradient as fine-tuning computes it (HVAE: abduction and prediction
-differentiated; flow matching: abduction without gradients, prediction differentiated through
-checkpointed solver steps, whose recomputation is counted), all counted by
+differentiated; flow matching: abduction and prediction differentiated through checkpointed
+solver steps, whose recomputation is counted), all counted by
 ``torch.utils.flop_counter``; and, where ``--time`` names the preset, counterfactuals per second on
 this machine (batch 16, no gradients).
 
@@ -102,7 +102,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "",
         f"`python benchmarks/flow_matching_cost.py` ({setup['date']}; flow matching at its shipped settings: "
         f"{settings}). GFLOP per image. 'with gradient' is the counterfactual as fine-tuning differentiates it "
-        "(flow matching: abduction without gradients, prediction through checkpointed solver steps, "
+        "(flow matching: abduction and prediction through checkpointed solver steps, "
         f"recomputation included). Counterfactuals/s: batch 16, no gradients, {args.threads} threads, 1-min load "
         f"average {setup['load_average_1min_at_end']:.1f} at the end.",
         "",
