@@ -1,9 +1,9 @@
 """Figure 1: counterfactuals of one factual image per strategy and region, with difference maps.
 
-Layout: the factual image on top; then, for each strategy, a row of counterfactuals (one column
-per region, e.g. do(CPA-mid := CPA-mid + 20 mm^2), clipped to the variable's support) and a row
-of difference maps x~ - x (0-255 units, one symmetric colour scale for the whole figure) with
-dashed lines at the region boundaries.
+Layout: the factual image on top, each column titled with its intervention (one column per
+region, e.g. do(CPA-mid := CPA-mid + 20 mm^2), clipped to the variable's support); then, for each
+strategy, a row of counterfactuals and a row of difference maps x~ - x (0-255 units, one
+symmetric colour scale for the whole figure) with dashed lines at the region boundaries.
 """
 
 from __future__ import annotations
@@ -62,15 +62,13 @@ def figure1(
     rows = 1 + 2 * len(counterfactuals)
     fig, axes = plt.subplots(rows, k, figsize=(panel_w * k, panel_h * rows), squeeze=False)
     grey = {"cmap": "gray", "vmin": -1, "vmax": 1}
-    for j in range(k):
-        _show(axes[0, j], x, "factual x" if j == 0 else "", **grey)
+    for j in range(k):  # each column is one intervention, named once above it
+        _show(axes[0, j], x, f"factual x; below: {intervention_titles[j]}", **grey)
         _boundaries(axes[0, j], masks)
     shown = None
     for i, (strategy, cfs) in enumerate(counterfactuals.items()):
         for j in range(k):
-            _show(
-                axes[1 + 2 * i, j], cfs[j].squeeze(0).float().numpy(), f"{strategy}: {intervention_titles[j]}", **grey
-            )
+            _show(axes[1 + 2 * i, j], cfs[j].squeeze(0).float().numpy(), strategy, **grey)
             shown = _show(
                 axes[2 + 2 * i, j], diffs[strategy][j], f"{strategy}: x~ - x", cmap="RdBu_r", vmin=-scale, vmax=scale
             )
