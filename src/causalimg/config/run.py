@@ -186,7 +186,7 @@ def mechanism_paths(config: Any) -> dict[str | None, str]:
 def mechanism_labels(config: Any) -> list[str]:
     """Every image mechanism's label, as ``finetune.sampling_time.<s>.mechanisms`` names them: the
     main one by its plugin name, the others by their ``compare_mechanisms`` labels."""
-    return [config.image_mechanism.name, *config.compare_mechanisms]
+    return [label or config.image_mechanism.name for label in mechanism_paths(config)]
 
 
 def runs_on(config: Any, mechanism: str | None, strategy: str) -> bool:
