@@ -4,16 +4,18 @@ One CFT step = factual nelbo + abduction + counterfactual decode + the strategy'
 predictors on x~ + backward + AdamW, exactly ``CounterfactualFineTuning`` as the pipeline runs it,
 with the run config's default predictor sizes (U-Net segmentor, timm ResNet regressor) and the
 image mechanism and preset named (the HVAE, or flow matching at its shipped solver settings, whose
-abduction and prediction are differentiated through checkpointed solver steps). ``none`` times the same step without guidance terms: what the guidance adds is the
-difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is). ``pretrain`` times
+abduction and prediction are differentiated through checkpointed solver steps). ``none`` times
+the same step without guidance terms: what the guidance adds is the difference (No-CFT itself trains nothing: the pretrained DSCM is used as it is). ``pretrain`` times
 a pretraining step of the same mechanism (its loss forward + backward + AdamW, as the pretrain
 stage runs it): each strategy's step is also reported as a multiple of it. Steps of all rows are
-interleaved and the median step time is reported.
+interleaved and the median step time is reported; several mechanisms named together are timed
+side by side in one run, their rows interleaved as well.
 
 Usage:
   python benchmarks/finetune_speed.py                     # -> benchmarks/results/finetune_speed.{json,md}
   python benchmarks/finetune_speed.py --height 64 --steps 3 --mode bf16
   python benchmarks/finetune_speed.py --mechanism flow-matching --mode bf16   # -> finetune_speed_flow_matching.*
+  python benchmarks/finetune_speed.py --mechanism hvae flow-matching --mode bf16   # -> finetune_speed_mechanisms.*
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ STRATEGIES = {
 }
 
 
-def builder(args: argparse.Namespace) -> Builder:
+def builder(args: argparse.Namespace, mechanism: str) -> Builder:
     """The `cpu` run config at the benchmark's size, with every strategy: modules built as the pipeline builds them."""
     registry = load_registry()
     overrides = [
         f"data.spacing_mm={16.0 / args.height}",
-        f"image_mechanism={{name: {args.mechanism}, preset: {args.preset}}}",
+        f"image_mechanism={{name: {mechanism}, preset: {args.preset}}}",
         "finetune.strategies={" + ", ".join(f"{k}: {v}" for k, v in STRATEGIES.items()) + "}",
     ]
     return Builder(load_config("cpu", overrides, registry), registry)
@@ -121,61 +123,73 @@ def build_pretrain_step(build: Builder, data: dict, source, transform: VariableT
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    """Steps of the strategies interleaved round-robin, so load from other work hits all alike."""
+    """Steps of every mechanism and strategy interleaved round-robin, so load from other work hits all alike."""
     torch.set_num_threads(args.threads)
-    build = builder(args)
-    with tempfile.TemporaryDirectory() as root:
-        data, source = phantom_batch(build, args.batch_size, Path(root))
+    builds = {mechanism: builder(args, mechanism) for mechanism in args.mechanism}
+    with tempfile.TemporaryDirectory() as root:  # the data config is the same for every mechanism
+        data, source = phantom_batch(next(iter(builds.values())), args.batch_size, Path(root))
     transform = VariableTransform.fit(source.schema.names, data["parents"])
-    steps = {"pretrain": build_pretrain_step(build, data, source, transform, args)}
-    steps.update({label: build_step(label, build, data, source, transform, args) for label in STRATEGIES})
+    steps = {}  # (mechanism, row) -> (step, image params M)
+    for mechanism, build in builds.items():
+        steps[mechanism, "pretrain"] = build_pretrain_step(build, data, source, transform, args)
+        steps.update(
+            {(mechanism, label): build_step(label, build, data, source, transform, args) for label in STRATEGIES}
+        )
     for step, _ in steps.values():
         for _ in range(args.warmup):
             step()
-    times: dict[str, list[float]] = {label: [] for label in steps}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for _ in range(args.steps):
-        for label, (step, _) in steps.items():
-            times[label].append(step())
+        for key, (step, _) in steps.items():
+            times[key].append(step())
     rows = []
-    pretrain = statistics.median(times["pretrain"])
-    for label, seconds in times.items():
-        median = statistics.median(seconds)
+    for (mechanism, label), seconds in times.items():
+        median, pretrain = statistics.median(seconds), statistics.median(times[mechanism, "pretrain"])
         rows.append({
-            "strategy": label, "steps_per_s": 1.0 / median, "images_per_s": args.batch_size / median,
-            "s_per_step": median, "s_per_step_all": seconds, "image_params_M": steps[label][1],
-            "x_pretrain_step": median / pretrain,
+            "mechanism": mechanism, "strategy": label, "steps_per_s": 1.0 / median,
+            "images_per_s": args.batch_size / median, "s_per_step": median, "s_per_step_all": seconds,
+            "image_params_M": steps[mechanism, label][1], "x_pretrain_step": median / pretrain,
         })  # fmt: skip
-        print(f"{label:22s} {1.0 / median:6.3f} steps/s  {args.batch_size / median:6.1f} img/s  "
-              f"{median / pretrain:4.2f}x a pretraining step", flush=True)  # fmt: skip
+        print(f"{mechanism:14s} {label:22s} {1.0 / median:6.3f} steps/s  {args.batch_size / median:6.1f} img/s  "
+              f"{median / pretrain:5.2f}x a pretraining step", flush=True)  # fmt: skip
     return rows
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     setup = {
-        "input": f"{args.height}x{6 * args.height}", "batch_size": args.batch_size, "mechanism": args.mechanism,
+        "input": f"{args.height}x{6 * args.height}", "batch_size": args.batch_size, "mechanisms": args.mechanism,
         "preset": args.preset,
         "mode": args.mode, "threads": args.threads, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "torch": torch.__version__, "machine": cpu_model(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_1min_at_end": os.getloadavg()[0],  # other work on the cores slows every row
     }  # fmt: skip
-    stem = "finetune_speed" + ("" if args.mechanism == "hvae" else f"_{args.mechanism.replace('-', '_')}")
+    several = len(args.mechanism) > 1
+    suffix = (
+        "_mechanisms" if several else "" if args.mechanism == ["hvae"] else "_" + args.mechanism[0].replace("-", "_")
+    )
+    stem = "finetune_speed" + suffix
     (RESULTS / f"{stem}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
-    base = next(r["s_per_step"] for r in rows if r["strategy"] == "none")
+    base = {r["mechanism"]: r["s_per_step"] for r in rows if r["strategy"] == "none"}
+    hvae_step = {r["strategy"]: r["s_per_step"] for r in rows if r["mechanism"] == "hvae"}
+    versus = several and "hvae" in args.mechanism  # each row also as a multiple of the HVAE's same row
     lines = [
         "# Counterfactual fine-tuning throughput",
         "",
-        f"`python benchmarks/finetune_speed.py --mechanism {args.mechanism} --preset {args.preset} --mode {args.mode}` "
+        f"`python benchmarks/finetune_speed.py --mechanism {' '.join(args.mechanism)} --preset {args.preset} "
+        f"--mode {args.mode}` "
         f"({setup['input']}, batch {args.batch_size}, {args.threads} threads, {setup['date']}, 1-min load average "
         f"{setup['load_average_1min_at_end']:.1f} at the end, {setup['machine']}). `pretrain` is a pretraining step "
         "of the same image mechanism; `none` is the CFT step without guidance terms; No-CFT itself trains nothing.",
         "",
-        "| step | steps/s | images/s | median s/step | x pretraining step | guidance overhead |",
-        "|---|---|---|---|---|---|",
-        *(f"| {r['strategy']} | {r['steps_per_s']:.3f} | {r['images_per_s']:.1f} | {r['s_per_step']:.2f} | "
-          f"{r['x_pretrain_step']:.2f} | "
-          + ("" if r["strategy"] == "pretrain" else f"{(r['s_per_step'] / base - 1) * 100:+.0f}%") + " |"
+        "| mechanism | step | steps/s | images/s | median s/step | x pretraining step | guidance overhead |"
+        + (" x the HVAE's step |" if versus else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if versus else ""),
+        *(f"| {r['mechanism']} | {r['strategy']} | {r['steps_per_s']:.3f} | {r['images_per_s']:.1f} | "
+          f"{r['s_per_step']:.2f} | {r['x_pretrain_step']:.2f} | "
+          + ("" if r["strategy"] == "pretrain" else f"{(r['s_per_step'] / base[r['mechanism']] - 1) * 100:+.0f}%")
+          + " |" + (f" {r['s_per_step'] / hvae_step[r['strategy']]:.2f} |" if versus else "")
           for r in rows),
     ]  # fmt: skip
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -185,7 +199,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--height", type=int, default=32, choices=(16, 32, 64), help="phantom image height (x6 wide)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--mechanism", choices=("hvae", "flow-matching"), default="hvae")
+    parser.add_argument(
+        "--mechanism",
+        nargs="+",
+        choices=("hvae", "flow-matching"),
+        default=["hvae"],
+        help="image mechanisms; several are timed side by side",
+    )
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--mode", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=2)
