@@ -574,6 +574,7 @@ MAY_BE_EMPTY = {
     ("ReportSection", "tables"): "a report without a Table 1",
     ("RunConfig", "compare_mechanisms"): "one image mechanism, compared with none",
     ("FinetuneSection", "sampling_time"): "every strategy fine-tunes",
+    ("FinetuneSection", "per_mechanism"): "every image mechanism fine-tuned with the shared settings",
 }
 
 

@@ -219,6 +219,45 @@ def test_a_compared_mechanism_leaves_the_shared_stages_and_the_main_mechanism_al
     }  # fmt: skip
 
 
+def test_a_mechanism_with_its_own_fine_tuning_settings_redoes_only_its_own_fine_tuning(tmp_path, registry):
+    """A ``finetune.per_mechanism`` entry starts from ``finetune.train`` and ``finetune.constraint``, its
+    own values win, the resolved config keeps them, and it changes only that mechanism's stages."""
+    both = tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}")
+    own = tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}",
+               "finetune.per_mechanism={fm: {train: {lr: 0.002}, constraint: {damping: 1.0}}}")  # fmt: skip
+    entry, shared = own.finetune.per_mechanism["fm"], own.finetune
+    assert entry.train == shared.train.model_copy(update={"lr": 0.002})
+    assert entry.constraint == shared.constraint.model_copy(update={"damping": 1.0})
+    resolved = tmp_path / "resolved.yaml"  # as the run folder keeps it: every value of the entry written out
+    resolved.write_text(dump_config(own))
+    assert load_config(resolved, [], registry) == own
+    before, after = hashes(both, registry), hashes(own, registry)
+    changed = {name for name in before if before[name] != after[name]}
+    labels = own.finetune.strategies
+    assert changed == {f"{stage}/fm/{label}" for stage in ("finetune", "evaluate") for label in labels} | {"report"}
+    # the shared settings still reach every mechanism without an entry of its own, and no other
+    shared_lr = hashes(tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}", "finetune.train.lr=0.003",
+                        "finetune.per_mechanism={fm: {train: {lr: 0.002}, constraint: {damping: 1.0}}}"), registry)  # fmt: skip
+    assert {name for name in after if shared_lr[name] != after[name]} == {
+        f"{stage}/hvae/{label}" for stage in ("finetune", "evaluate") for label in labels
+    } | {"report"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.per_mechanism={flow: {train: {lr: 0.001}}}", "'flow' is not an image mechanism of this run"),
+        ("finetune.per_mechanism={fm: {train: {lr: -1}}}", r"finetune\.per_mechanism\.fm\.train\.lr = -1"),
+        ("finetune.per_mechanism={fm: {trian: {lr: 1}}}", "did you mean 'train'"),
+    ],
+)
+def test_bad_per_mechanism_fine_tuning_settings_are_config_errors(tmp_path, registry, override, message):
+    from causalimg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}", override)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -239,9 +278,13 @@ def test_bad_compared_mechanisms_are_config_errors(tmp_path, registry, override,
 def test_two_image_mechanisms_in_one_run_share_data_and_predictors_and_one_report(tmp_path, registry):
     from causalimg import CounterfactualModel
 
-    config = tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}")
+    config = tiny(
+        tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}", "finetune.per_mechanism={fm: {train: {steps: 3}}}"
+    )
     results = run_pipeline(config, registry)
     strategies = list(config.finetune.strategies)
+    steps = {m: results[f"finetune/{m}/regressor"]["summary"]["steps"] for m in ("hvae", "fm")}
+    assert steps == {"hvae": config.finetune.train.steps, "fm": 3}  # each mechanism with its own settings
     models = [f"{m}/{s}" for m in ("hvae", "fm") for s in strategies]
     assert [name for name in results if name.startswith("evaluate/")] == [f"evaluate/{m}" for m in models]
     assert sum(name.startswith("pretrain") for name in results) == 2 and "data" in results

@@ -70,8 +70,17 @@ class Builder:
     config path of the image mechanism to build (``compare_mechanisms.<label>`` for a compared one).
     """
 
-    def __init__(self, config: RunConfig, registry: Registry, mechanism: str = "image_mechanism"):
+    def __init__(
+        self, config: RunConfig, registry: Registry, mechanism: str = "image_mechanism", tuned_as: str | None = None
+    ):
         self.config, self.registry, self.mechanism = config, registry, mechanism
+        self.tuned_as = tuned_as  # the mechanism's `finetune.per_mechanism` entry, if it has one
+
+    @property
+    def finetune_settings(self) -> Any:
+        """The ``train`` and ``constraint`` this mechanism is fine-tuned with."""
+        finetune = self.config.finetune
+        return finetune if self.tuned_as is None else finetune.per_mechanism[self.tuned_as]
 
     @property
     def mechanism_config(self) -> Any:
@@ -159,7 +168,7 @@ class Builder:
         eps: float,
     ) -> CounterfactualFineTuning:
         finetune = self.config.finetune
-        constraint = finetune.constraint
+        constraint = self.finetune_settings.constraint
         return CounterfactualFineTuning(
             dscm,
             strategies,

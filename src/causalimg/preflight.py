@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from causalimg.config.run import RunConfig, mechanism_paths, runs_on
+from causalimg.config.run import RunConfig, finetune_entry, finetune_settings_path, mechanism_paths, runs_on
 from causalimg.core.data import SPLITS, TrueCounterfactuals, split_size
 from causalimg.core.mechanism import GuidedPrediction, HasEncoder
 from causalimg.errors import CausalImgError, ConfigError
@@ -45,7 +45,10 @@ def preflight(config: RunConfig, registry: Registry) -> list[str]:
         "pretrain": (config.pretrain, sizes["train"]),
     }
     if guided:
-        batches["finetune.train"] = (config.finetune.train, sizes["train"])
+        for label in mechanism_paths(config):
+            entry = finetune_entry(config, label)
+            settings = config.finetune if entry is None else config.finetune.per_mechanism[entry]
+            batches[f"{finetune_settings_path(config, label)}.train"] = (settings.train, sizes["train"])
     for where, (train, available) in batches.items():
         if train.batch_size * world > available:
             per = f" x {world} processes" if world > 1 else ""

@@ -507,8 +507,13 @@ def format_validation_error(
         parts, value = _dotted(error["loc"], raw), error["input"]
         message = _message(error)
         if error["type"] in ("value_error", "assertion_error") and isinstance(value, Mapping):
-            field = _field_named_in(message, value)  # a model validator's error, pointed at the field it names
-            if field is not None:
+            # a model validator's error, pointed at the field it names: a dotted path it starts with, or a key
+            path, whole = _path_named_in(message, parts, raw)
+            field = None if path else _field_named_in(message, value)
+            if path:
+                parts, value = path, _lookup(raw, path)
+                message = message.split(": ", 1)[1] if whole else message  # the line starts with the path
+            elif field is not None:
                 parts, value = [*parts, field], value[field]
         where = ".".join(abbreviate(part, 40) for part in parts) or "(top level)"
         if error["type"] == "missing":
@@ -543,6 +548,23 @@ def _message(error: Mapping[str, Any]) -> str:
     """Pydantic's message without its "Value error, " prefix: the validator's own words."""
     cause = error.get("ctx", {}).get("error") if error["type"] in ("value_error", "assertion_error") else None
     return abbreviate(str(cause) if cause is not None else str(error["msg"]), MAX_LINE)
+
+
+def _path_named_in(message: str, parts: Sequence[str], raw: Mapping[str, Any]) -> tuple[list[str] | None, bool]:
+    """The deepest existing field below ``parts`` of the dotted path a message starts with
+    (``finetune.per_mechanism: ...``, or relative to ``parts``), and whether all of that path exists."""
+    head = re.match(r"[\w-]+(?:\.[\w-]+)*(?=: )", message)
+    if head is None:
+        return None, False
+    named = head.group().split(".")
+    if named[: len(parts)] != list(parts):  # a path relative to the section that failed
+        named = [*parts, *named]
+    deepest = None
+    for end in range(len(parts) + 1, len(named) + 1):
+        if _lookup(raw, named[:end]) is None:
+            break
+        deepest = named[:end]
+    return deepest, deepest == named
 
 
 def _field_named_in(message: str, section: Mapping[str, Any]) -> str | None:

@@ -33,6 +33,7 @@ from causalimg.config.sections import (
     ConstraintConfig,
     FinetuneTrainConfig,
     FlowsTrainConfig,
+    MechanismFinetuneConfig,
     PluginsSection,
     PredictorsSection,
     ReportSection,
@@ -93,6 +94,18 @@ class FinetuneSection(StrictModel):
     constraint: ConstraintConfig = ConstraintConfig()
     # strategy labels whose terms guide the prediction at sampling time instead of fine-tuning
     sampling_time: dict[str, SamplingTimeConfig] = {}
+    # image mechanisms (by run label) fine-tuned with their own `train` and `constraint`: mechanisms
+    # differ in step cost and loss scale; what an entry leaves out comes from `train` and `constraint`
+    per_mechanism: dict[str, MechanismFinetuneConfig] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_mechanism_from_shared(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or not isinstance(data.get("per_mechanism"), Mapping):
+            return data
+        shared = {key: _plain(data[key]) for key in MechanismFinetuneConfig.model_fields if key in data}
+        entries = {label: _overlay(shared, entry) for label, entry in data["per_mechanism"].items()}
+        return {**data, "per_mechanism": entries}
 
     @model_validator(mode="after")
     def _sampling_time_labels(self) -> FinetuneSection:
@@ -111,6 +124,24 @@ class FinetuneSection(StrictModel):
         if not strategies:
             raise ValueError("give at least one strategy, for example `none: []` (no guidance)")
         return strategies
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _overlay(shared: Mapping[str, Any], entry: Any) -> Any:
+    """A ``per_mechanism`` entry over the shared sections: its fields win, one level deep."""
+    if not isinstance(entry, Mapping):
+        return entry  # refused by validation, at the entry
+    out = dict(entry)
+    for key, value in shared.items():
+        mine = _plain(entry.get(key))
+        if key not in entry:
+            out[key] = value
+        elif isinstance(mine, Mapping) and isinstance(value, Mapping):
+            out[key] = {**value, **mine}
+    return out
 
 
 class EvaluateSection(StrictModel):
@@ -160,6 +191,12 @@ class RunConfig(StrictModel):
                 "(its stages are labelled by its name); choose another label"
             )
         labels = mechanism_labels(self)
+        unknown = [m for m in self.finetune.per_mechanism if m not in labels]
+        if unknown:
+            raise ValueError(
+                f"finetune.per_mechanism: {', '.join(map(repr, unknown))} is not an image mechanism of this run "
+                f"({', '.join(labels)})"
+            )
         for strategy, guided in self.finetune.sampling_time.items():
             unknown = [m for m in guided.mechanisms or () if m not in labels]
             if unknown:
@@ -187,6 +224,19 @@ def mechanism_labels(config: Any) -> list[str]:
     """Every image mechanism's label, as ``finetune.sampling_time.<s>.mechanisms`` names them: the
     main one by its plugin name, the others by their ``compare_mechanisms`` labels."""
     return [label or config.image_mechanism.name for label in mechanism_paths(config)]
+
+
+def finetune_entry(config: Any, mechanism: str | None) -> str | None:
+    """The ``finetune.per_mechanism`` entry with which the image mechanism labelled ``mechanism``
+    (None: the only one) is fine-tuned; None when it takes ``finetune.train`` and ``finetune.constraint``."""
+    label = mechanism or config.image_mechanism.name
+    return label if label in config.finetune.per_mechanism else None
+
+
+def finetune_settings_path(config: Any, mechanism: str | None) -> str:
+    """Where that mechanism's fine-tuning ``train`` and ``constraint`` are: what its finetune stages read."""
+    entry = finetune_entry(config, mechanism)
+    return "finetune" if entry is None else f"finetune.per_mechanism.{entry}"
 
 
 def runs_on(config: Any, mechanism: str | None, strategy: str) -> bool:

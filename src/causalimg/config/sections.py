@@ -92,6 +92,15 @@ class ConstraintConfig(StrictModel):
     weight: NonNegativeFloat = 1.0  # the nelbo's weight when kind is "fixed"
 
 
+class MechanismFinetuneConfig(StrictModel):
+    """How one image mechanism of a comparison is fine-tuned, where it differs from ``finetune``:
+    its optimisation and its constraint. Fields it leaves out are taken from ``finetune.train`` and
+    ``finetune.constraint`` when the config is read, so a resolved config shows every value used."""
+
+    train: FinetuneTrainConfig = FinetuneTrainConfig()
+    constraint: ConstraintConfig = ConstraintConfig()
+
+
 class SamplingTimeConfig(StrictModel):
     """A strategy whose guidance terms steer the image mechanism while it predicts, instead of
     fine-tuning it: every velocity evaluation moves down the gradient of the terms' loss on the

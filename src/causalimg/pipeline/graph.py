@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from causalimg.builder import Builder
-from causalimg.config.run import RunConfig, mechanism_paths, runs_on
+from causalimg.config.run import RunConfig, finetune_entry, finetune_settings_path, mechanism_paths, runs_on
 from causalimg.config.sections import TrainConfig
 from causalimg.pipeline import reads as config_reads
 from causalimg.pipeline.stage import ProcessGroup, Stage, StageContext, run_stages
@@ -62,9 +62,12 @@ class Graph:
         seed_name: str | None = None,
     ) -> None:
         """Add a stage whose hash covers exactly ``reads`` (+ ``extra``, e.g. the files it writes);
-        its builder builds the image mechanism at config path ``mechanism``; its generators are
-        seeded from ``seed_name`` (default: its name), so every mechanism sees the same batches."""
+        its builder builds the image mechanism at config path ``mechanism`` (fine-tuned with that
+        mechanism's settings); its generators are seeded from ``seed_name`` (default: its name), so
+        every mechanism sees the same batches."""
         declared = tuple(dict.fromkeys([*reads, SEED_READ]))
+        label = {path: label for label, path in mechanism_paths(self.config).items()}[mechanism]
+        tuned_as = finetune_entry(self.config, label)
         payload = {"reads": config_reads.select(self.config, declared), "extra": extra}
         config, registry, tracking = self.config, self.registry, self.config.tracking
         names = lambda: tuple(s.name for s in self.stages)  # noqa: E731 (the list is complete when bodies run)
@@ -72,7 +75,7 @@ class Graph:
         def run(ctx: StageContext) -> dict[str, Any]:
             view = config_reads.view(config, declared, name)
             seed_everything(stage_seed(config.run.seed, seed_name or name))
-            return body(Step(ctx, view, Builder(view, registry, mechanism), tracking, names()))
+            return body(Step(ctx, view, Builder(view, registry, mechanism, tuned_as), tracking, names()))
 
         self.stages.append(Stage(name, run, payload, tuple(upstream)))
 
@@ -96,8 +99,9 @@ def pipeline_stages(config: RunConfig, registry: Registry, group: ProcessGroup) 
                 graph.declare(tuned, finetune.keep_pretrained, finetune.untrained_reads(path),
                               finetune.upstream(f"pretrain{under}"), mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
             else:
-                graph.declare(tuned, finetune.run, finetune.reads(label, path), finetune.upstream(f"pretrain{under}"),
-                              mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
+                settings = finetune_settings_path(config, mechanism)
+                graph.declare(tuned, finetune.run, finetune.reads(label, path, settings),
+                              finetune.upstream(f"pretrain{under}"), mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
             graph.declare(f"evaluate{under}/{label}", evaluate.run_sampling_time if at_sampling else evaluate.run,
                           evaluate.reads(path, label if at_sampling else None), evaluate.upstream(tuned, at_sampling),
                           extra={"outputs": evaluate.OUTPUTS}, mechanism=path, seed_name=f"evaluate/{label}")  # fmt: skip

@@ -26,10 +26,12 @@ def upstream(pretrained: str = PRETRAIN) -> tuple[str, ...]:
     return ("data", "flows", "predictors/guidance-segmentor", "predictors/regressor", pretrained)
 
 
-def reads(label: str, mechanism: str = "image_mechanism") -> tuple[str, ...]:
-    shared = ("finetune.train", "finetune.temperature", "finetune.trainable", "finetune.interventions_per_step")
-    return ("data", "regions", "flows", mechanism, "predictors", *shared, "finetune.constraint",
-            f"finetune.strategies.{label}")  # fmt: skip
+def reads(label: str, mechanism: str = "image_mechanism", settings: str = "finetune") -> tuple[str, ...]:
+    """``settings``: where the mechanism's ``train`` and ``constraint`` are (``finetune`` or its
+    ``finetune.per_mechanism`` entry, see ``config.run.finetune_settings_path``)."""
+    shared = ("finetune.temperature", "finetune.trainable", "finetune.interventions_per_step")
+    return ("data", "regions", "flows", mechanism, "predictors", f"{settings}.train", *shared,
+            f"{settings}.constraint", f"finetune.strategies.{label}")  # fmt: skip
 
 
 def untrained_reads(mechanism: str = "image_mechanism") -> tuple[str, ...]:
@@ -64,7 +66,7 @@ def run(step: Step) -> dict[str, Any]:
         regressor=step.build.frozen_regressor(schema, step.ctx.inputs["predictors/regressor"]),
     )
     strategies = step.build.guidance(step.strategy, predictors)
-    train = step.config.finetune.train
+    train = step.build.finetune_settings.train
     train_split = source.split("train")
     eps = measure_nelbo(dscm, DataLoader(train_split, batch_size=train.batch_size), max_batches=EPS_BATCHES)
     cft = step.build.finetuning(dscm, strategies, schema, float(source.spacing_mm) ** 2, eps)
