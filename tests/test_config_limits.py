@@ -394,6 +394,17 @@ def test_a_model_validator_error_points_at_the_field_it_names(workdir, capsys, r
     assert "Value error" not in err
 
 
+def test_a_model_validator_error_points_at_the_dotted_path_it_starts_with(workdir, capsys, registry):
+    """A run-level check names a field several sections down: the line points there, saying it once."""
+    flow = "{name: flow-matching, widths: [8, 16], blocks: [1, 1], embed_dim: 16, steps: 2}"
+    wrong = "finetune.sampling_time={positional-segmentor: {mechanisms: [diffusion]}}"
+    code, err = invoke("validate", "tiny", [f"compare_mechanisms={{fm: {flow}}}", wrong], capsys)
+    assert_refused(
+        code, err, "finetune.sampling_time.positional-segmentor.mechanisms = ['diffusion']: 'diffusion' is not an image"
+    )
+    assert err.count("sampling_time") == 2, err  # the line's head and the --set it came from
+
+
 def test_a_field_validator_error_has_no_pydantic_prefix(workdir, capsys, registry):
     code, err = invoke("validate", "tiny", ["data.spacing_mm=0.3"], capsys)
     assert_refused(code, err, "data.spacing_mm = 0.3: spacing_mm=0.3 must divide")
