@@ -127,6 +127,20 @@ def test_operational_training_fields_redo_no_stage(tmp_path, registry):
     assert moved == base
 
 
+def test_no_cft_is_the_pretrained_model_whatever_the_fine_tuning_settings(tmp_path, registry):
+    """Changing how strategies are fine-tuned redoes them, never No-CFT (its stage copies the
+    pretrained DSCM) nor its evaluation."""
+    config = tiny(tmp_path, registry)
+    base = hashes(config, registry)
+    guided = [label for label, terms in config.finetune.strategies.items() if terms]
+    assert guided and len(guided) < len(config.finetune.strategies)
+    for override in ("finetune.train.lr=0.003", "finetune.constraint.damping=1.0", "finetune.interventions_per_step=2"):
+        changed = hashes(tiny(tmp_path, registry, override), registry)
+        assert {name for name in base if changed[name] != base[name]} == {
+            f"{stage}/{label}" for stage in ("finetune", "evaluate") for label in guided
+        } | {"report"}, override
+
+
 def perturbed(value):
     """Other values of the same type, most likely first (None when there is none to try)."""
     if isinstance(value, bool):
@@ -233,7 +247,7 @@ def test_a_mechanism_with_its_own_fine_tuning_settings_redoes_only_its_own_fine_
     assert load_config(resolved, [], registry) == own
     before, after = hashes(both, registry), hashes(own, registry)
     changed = {name for name in before if before[name] != after[name]}
-    labels = own.finetune.strategies
+    labels = [label for label, terms in own.finetune.strategies.items() if terms]  # No-CFT is not fine-tuned
     assert changed == {f"{stage}/fm/{label}" for stage in ("finetune", "evaluate") for label in labels} | {"report"}
     # the shared settings still reach every mechanism without an entry of its own, and no other
     shared_lr = hashes(tiny(tmp_path, registry, f"compare_mechanisms={{fm: {FLOW}}}", "finetune.train.lr=0.003",

@@ -95,9 +95,10 @@ def pipeline_stages(config: RunConfig, registry: Registry, group: ProcessGroup) 
                       seed_name="pretrain")  # fmt: skip
         for label in (s for s in config.finetune.strategies if runs_on(config, mechanism, s)):
             tuned, at_sampling = f"finetune{under}/{label}", label in config.finetune.sampling_time
-            if at_sampling:  # its terms steer evaluate's predictions; nothing is fine-tuned
-                graph.declare(tuned, finetune.keep_pretrained, finetune.untrained_reads(path),
-                              finetune.upstream(f"pretrain{under}"), mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
+            if at_sampling or not config.finetune.strategies[label]:  # No-CFT, or terms that steer evaluate
+                keep = finetune.keep_for_sampling if at_sampling else finetune.keep_pretrained
+                graph.declare(tuned, keep, finetune.untrained_reads(path), finetune.upstream(f"pretrain{under}"),
+                              mechanism=path, seed_name=f"finetune/{label}")  # fmt: skip
             else:
                 settings = finetune_settings_path(config, mechanism)
                 graph.declare(tuned, finetune.run, finetune.reads(label, path, settings),

@@ -2,7 +2,7 @@
 
 Writes ``weights.safetensors``: the fine-tuned DSCM (flows and image mechanism), what the evaluate
 stage reads. No-CFT, a strategy without guidance terms, is the paper's baseline: the pretrained
-DSCM as it is, written unchanged.
+DSCM as it is, written unchanged by ``keep_pretrained``.
 """
 
 from __future__ import annotations
@@ -35,19 +35,25 @@ def reads(label: str, mechanism: str = "image_mechanism", settings: str = "finet
 
 
 def untrained_reads(mechanism: str = "image_mechanism") -> tuple[str, ...]:
-    """What ``keep_pretrained`` reads: a sampling-time strategy's stage is the pretrained DSCM whatever its terms."""
+    """What ``keep_pretrained`` reads: the pretrained DSCM, whatever the fine-tuning settings (changing
+    them redoes neither No-CFT nor a sampling-time strategy)."""
     return ("data", "regions", "flows", mechanism)
 
 
 def keep_pretrained(step: Step) -> dict[str, Any]:
-    """The finetune stage of a sampling-time strategy: the pretrained DSCM as it is (its terms act in evaluate)."""
+    """The finetune stage of No-CFT, the paper's baseline, and of a sampling-time strategy (whose
+    terms act in evaluate): the pretrained DSCM as it is."""
     dscm = step.build.dscm(step.schema, step.source.image_shape, step.transform)
     load_module(dscm.attributes, step.ctx.inputs["flows"] / WEIGHTS_FILE)
     load_module(dscm.image, step.input_of(PRETRAIN) / WEIGHTS_FILE)
     if step.is_main:
         save_tensors(step.dir / WEIGHTS_FILE, dscm.state_dict())
     step.ctx.group.wait_for_everyone()
-    return {"finetuned": False, "guided_at": "sampling"}
+    return {"finetuned": False}
+
+
+def keep_for_sampling(step: Step) -> dict[str, Any]:
+    return {**keep_pretrained(step), "guided_at": "sampling"}
 
 
 def run(step: Step) -> dict[str, Any]:
@@ -55,12 +61,7 @@ def run(step: Step) -> dict[str, Any]:
     dscm = step.build.dscm(schema, source.image_shape, step.transform)
     load_module(dscm.attributes, step.ctx.inputs["flows"] / WEIGHTS_FILE)
     load_module(dscm.image, step.input_of(PRETRAIN) / WEIGHTS_FILE)
-    terms = step.config.finetune.strategies[step.strategy]
-    if not terms:  # No-CFT, the paper's baseline: the pretrained DSCM as it is
-        if step.is_main:
-            save_tensors(step.dir / WEIGHTS_FILE, dscm.state_dict())
-        step.ctx.group.wait_for_everyone()
-        return {"finetuned": False, "terms": []}
+    terms = step.config.finetune.strategies[step.strategy]  # not empty: No-CFT is ``keep_pretrained``
     predictors = GuidancePredictors(  # the evaluation segmentor is deliberately not loaded here
         segmentor=step.build.frozen_segmentor(schema, step.ctx.inputs["predictors/guidance-segmentor"]),
         regressor=step.build.frozen_regressor(schema, step.ctx.inputs["predictors/regressor"]),
