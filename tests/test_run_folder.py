@@ -82,3 +82,13 @@ def test_what_the_data_and_architectures_make_impossible_is_refused_before_any_s
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err) < 1000, err
     assert not folder.exists()
+
+
+def test_a_mechanism_fine_tuned_with_its_own_batch_size_is_checked_against_the_data_by_its_own_path(tmp_path, capsys):
+    folder = tmp_path / "run"
+    flow = "{name: flow-matching, widths: [8, 16], blocks: [1, 1], embed_dim: 16, steps: 2}"
+    sets = (f"compare_mechanisms={{fm: {flow}}}", "finetune.per_mechanism={fm: {train: {batch_size: 64}}}")
+    assert run.main(tiny(folder, *sets)) == 2
+    err = capsys.readouterr().err
+    assert "finetune.per_mechanism.fm.train.batch_size = 64 exceeds the 32 training images" in err, err
+    assert "finetune.train.batch_size" not in err and not folder.exists()

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from causalimg.config.run import RunConfig, finetune_entry, finetune_settings_path, mechanism_paths, runs_on
+from causalimg.config.run import RunConfig, finetune_settings, finetune_settings_path, mechanism_paths, runs_on
 from causalimg.core.data import SPLITS, TrueCounterfactuals, split_size
 from causalimg.core.mechanism import GuidedPrediction, HasEncoder
 from causalimg.errors import CausalImgError, ConfigError
@@ -46,9 +46,8 @@ def preflight(config: RunConfig, registry: Registry) -> list[str]:
     }
     if guided:
         for label in mechanism_paths(config):
-            entry = finetune_entry(config, label)
-            settings = config.finetune if entry is None else config.finetune.per_mechanism[entry]
-            batches[f"{finetune_settings_path(config, label)}.train"] = (settings.train, sizes["train"])
+            train = finetune_settings(config, label).train
+            batches[f"{finetune_settings_path(config, label)}.train"] = (train, sizes["train"])
     for where, (train, available) in batches.items():
         if train.batch_size * world > available:
             per = f" x {world} processes" if world > 1 else ""

@@ -233,6 +233,12 @@ def finetune_entry(config: Any, mechanism: str | None) -> str | None:
     return label if label in config.finetune.per_mechanism else None
 
 
+def finetune_settings(config: Any, mechanism: str | None) -> Any:
+    """The ``train`` and ``constraint`` with which that mechanism is fine-tuned."""
+    entry = finetune_entry(config, mechanism)
+    return config.finetune if entry is None else config.finetune.per_mechanism[entry]
+
+
 def finetune_settings_path(config: Any, mechanism: str | None) -> str:
     """Where that mechanism's fine-tuning ``train`` and ``constraint`` are: what its finetune stages read."""
     entry = finetune_entry(config, mechanism)
