@@ -127,6 +127,18 @@ def test_operational_training_fields_redo_no_stage(tmp_path, registry):
     assert moved == base
 
 
+@pytest.mark.parametrize(("mechanism", "result_field"), [("hvae", "beta: 2.0"), ("flow-matching", "grid_power: 3.0")])
+def test_recomputing_activations_redoes_no_stage(tmp_path, registry, mechanism, result_field) -> None:
+    """Activation checkpointing trades memory for time with the same numbers: not part of any stage's hash."""
+    runs = {
+        on: hashes(tiny(tmp_path, registry, f"image_mechanism={{name: {mechanism}, checkpointing: {on}}}"), registry)
+        for on in ("true", "false")
+    }
+    assert runs["true"] == runs["false"]
+    other = hashes(tiny(tmp_path, registry, f"image_mechanism={{name: {mechanism}, {result_field}}}"), registry)
+    assert other["pretrain"] != runs["true"]["pretrain"]  # a field that changes the model still counts
+
+
 def test_no_cft_is_the_pretrained_model_whatever_the_fine_tuning_settings(tmp_path, registry):
     """Changing how strategies are fine-tuned redoes them, never No-CFT (its stage copies the
     pretrained DSCM) nor its evaluation."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,3 +21,7 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    # Fields that say how a result is computed, not what it is (how often to log, whether to recompute
+    # activations): left out of stage hashes, so changing one redoes nothing.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()

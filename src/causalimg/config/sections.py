@@ -34,8 +34,8 @@ class PluginsSection(StrictModel):
 class TrainConfig(StrictModel):
     """One optimisation loop: shared by flows, predictors, HVAE pretraining and fine-tuning."""
 
-    # How a run is carried out, not what it computes: left out of stage hashes (changing them redoes
-    # nothing) and free to change when a run is resumed (as is ``steps``, to train longer).
+    # How a run is carried out, not what it computes: unhashed (see ``StrictModel.OPERATIONAL``) and
+    # free to change when a run is resumed (as is ``steps``, to train longer).
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
         {"log_every", "checkpoint_every", "keep_checkpoints", "tune_malloc"}
     )

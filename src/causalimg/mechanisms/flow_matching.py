@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
@@ -52,10 +52,13 @@ class FlowMatchingConfig(StrictModel):
     # time grid t_k = 1 - (1 - k / steps)^grid_power: > 1 packs steps towards t = 1, where the field is stiff
     grid_power: PositiveFloat = 2.0
     abduction_iterations: NonNegativeInt = 0  # fixed-point refinements per abduction step
-    checkpointing: bool = True  # recompute each solver step in backward: memory of one step, same numbers
+    # recompute each solver step in backward: memory of one step for one more forward pass, same numbers
+    checkpointing: bool = True
     # True: fine-tuning differentiates abduction too; False: the abducted noise is a constant to the
     # gradient (cheaper, but it credits parent-independent changes that abduction then undoes)
     differentiable_abduction: bool = True
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"checkpointing"})
 
 
 @dataclass(frozen=True)

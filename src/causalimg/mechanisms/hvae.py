@@ -10,7 +10,7 @@ so predicting under the factual parents returns x.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -46,6 +46,8 @@ class HVAEConfig(StrictModel):
     beta: PositiveFloat = 1.0  # nelbo = nll + beta * kl
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     checkpointing: bool = False  # recompute activations in backward: less memory, same numbers
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"checkpointing"})
 
 
 @dataclass(frozen=True)

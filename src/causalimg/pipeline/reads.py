@@ -3,8 +3,8 @@ guards its body.
 
 A declaration is a tuple of dotted paths into the run config (``"pretrain"``, ``"run.seed"``,
 ``"finetune.strategies.pos"``). ``select`` turns them into the JSON a stage's hash is made of,
-leaving out the operational training fields (``TrainConfig.OPERATIONAL``: how often to log or
-checkpoint changes no result); ``ConfigView`` is the config the body gets, which raises on any
+leaving out each config model's operational fields (``OPERATIONAL``: how often to log or whether
+to recompute activations changes no result); ``ConfigView`` is the config the body gets, which raises on any
 read outside the declaration, so a stage can never depend on a field its hash ignores.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from causalimg.config.sections import TrainConfig
+from causalimg.strict import StrictModel
 
 Path_ = tuple[str, ...]
 WHOLE = "*"  # the declaration of a stage that reads the whole config (the report shows it)
@@ -41,11 +41,15 @@ def _child(value: Any, part: str) -> Any:
     raise KeyError(part)
 
 
+def _hashed_fields(model: BaseModel) -> list[str]:
+    skip = type(model).OPERATIONAL if isinstance(model, StrictModel) else frozenset()
+    return [name for name in type(model).model_fields if name not in skip]
+
+
 def to_json(value: Any, where: str = "") -> Any:
-    """Plain JSON of a config value, without operational training fields and ``NOT_HASHED`` sections."""
+    """Plain JSON of a config value, without operational fields and ``NOT_HASHED`` sections."""
     if isinstance(value, BaseModel):
-        skip = TrainConfig.OPERATIONAL if isinstance(value, TrainConfig) else frozenset()
-        fields = [name for name in type(value).model_fields if name not in skip]
+        fields = _hashed_fields(value)
         paths = {name: f"{where}.{name}" if where else name for name in fields}
         return {name: to_json(getattr(value, name), paths[name]) for name in fields if paths[name] not in NOT_HASHED}
     if isinstance(value, Mapping):
@@ -119,10 +123,8 @@ def leaf_paths(config: Any, reads: Sequence[str]) -> list[str]:
     out: list[str] = []
 
     def walk(value: Any, path: str) -> None:
-        if isinstance(value, TrainConfig):
-            children = {n: getattr(value, n) for n in type(value).model_fields if n not in TrainConfig.OPERATIONAL}
-        elif isinstance(value, BaseModel):
-            children = {n: getattr(value, n) for n in type(value).model_fields}
+        if isinstance(value, BaseModel):
+            children = {n: getattr(value, n) for n in _hashed_fields(value)}
         elif isinstance(value, Mapping):
             children = {str(k): v for k, v in value.items()}
         else:
