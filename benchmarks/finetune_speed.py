@@ -184,7 +184,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         "# Counterfactual fine-tuning throughput",
         "",
-        f"`python benchmarks/finetune_speed.py --mechanism {' '.join(args.mechanism)} --preset {args.preset} {flags}` "
+        f"`python benchmarks/finetune_speed.py --mechanism {' '.join(args.mechanism)} --preset {args.preset} "
+        f"--height {args.height} --batch-size {args.batch_size} {flags} --steps {args.steps} --warmup {args.warmup}` "
         f"({setup['input']}, batch {args.batch_size}, {args.threads} threads, {setup['date']}, 1-min load average "
         f"{setup['load_average_1min_at_end']:.1f} at the end, {setup['machine']}). `pretrain` is a pretraining step "
         "of the same image mechanism; `none` is the CFT step without guidance terms; No-CFT itself trains nothing; "
